@@ -1,0 +1,5 @@
+import sys
+
+from msd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The `msd` command line: one sub-command per pipeline stage, each in its own module of this package.
+
+A sub-command module defines `register(subparsers)`, which adds its parser and sets `handler` to a function taking
+the parsed arguments and returning an exit code. User errors (MSDError) print one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from msd.errors import MSDError
+
+SUBCOMMAND_MODULES = [
+    "msd.cli.generate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msd",
+        description="Lossless speculative decoding for vision-language models with a multimodal draft.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if arguments.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return arguments.handler(arguments) or 0
+    except MSDError as error:
+        print(f"msd {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"msd {arguments.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

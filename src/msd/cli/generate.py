@@ -1,0 +1,166 @@
+"""`msd generate`: speculative generation for images and a prompt, with statistics and an optional comparison."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from msd.cli.options import add_model_options, add_sampling_options, add_tree_options, sampling_from, tree_from
+from msd.errors import MSDError
+
+DESCRIPTION = """\
+Generate an answer for one prompt and its images with speculative decoding. The answer streams to standard output;
+statistics go to standard error. Without --draft the target decodes alone (plain decoding).
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate an answer for images and a prompt",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(parser)
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="image file (PNG, JPEG, ...); repeat for several images. Place each with <image> in the prompt, "
+        "or leave the prompt without <image> to put all images before the text",
+    )
+    parser.add_argument("--prompt", required=True, help="the user's request")
+    parser.add_argument(
+        "--raw-prompt",
+        action="store_true",
+        help="send --prompt to the processor unchanged, without the chat template; it must then contain the "
+        "model's own image token once per image",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="maximum tokens to generate (default 256)")
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop once the answer contains TEXT; repeatable"
+    )
+    add_sampling_options(parser)
+    add_tree_options(parser)
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run plain decoding on the same input and print the speedup and whether both outputs are identical",
+    )
+    parser.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
+    parser.add_argument("--stats-json", metavar="FILE", help="also write the statistics as JSON to FILE")
+    parser.set_defaults(handler=run)
+
+
+def run(arguments: argparse.Namespace) -> int:
+    from msd.decoding import SpeculativeGenerator
+    from msd.draft import DraftModel
+    from msd.images import load_image
+    from msd.prompts import build_inputs
+    from msd.targets import load_target
+
+    if arguments.max_new_tokens < 1:
+        raise MSDError(f"--max-new-tokens must be at least 1, got {arguments.max_new_tokens}")
+    sampling = sampling_from(arguments)
+    tree = tree_from(arguments)
+    images = [load_image(path) for path in arguments.image]  # fail on a bad image before loading any model
+
+    target = load_target(arguments.target, dtype=arguments.dtype, device=arguments.device)
+    inputs = build_inputs(target.processor, arguments.prompt, images, raw_prompt=arguments.raw_prompt)
+    draft = None
+    if arguments.draft:
+        draft = DraftModel.from_pretrained(arguments.draft)
+        draft.config.check_fits(target)
+    generator = SpeculativeGenerator(target, draft, tree)
+    tokenizer = generator.tokenizer
+
+    stream = None
+    if not arguments.no_stream:
+        stream = _TextStream(tokenizer)
+    seed = torch.Generator(device=target.device).manual_seed(arguments.seed)
+    output = generator.generate(
+        inputs,
+        max_new_tokens=arguments.max_new_tokens,
+        sampling=sampling,
+        stop_strings=arguments.stop,
+        generator=seed,
+        on_tokens=stream,
+    )
+    if stream is not None:
+        stream.finish()
+    else:
+        print(output.text)
+
+    label = "msd" if draft is not None else "plain"
+    _print_stats(label, output.stats)
+    report = {label: output.stats.as_dict()}
+
+    if arguments.compare:
+        baseline = SpeculativeGenerator(target, None).generate(
+            inputs,
+            max_new_tokens=arguments.max_new_tokens,
+            sampling=sampling,
+            stop_strings=arguments.stop,
+            generator=torch.Generator(device=target.device).manual_seed(arguments.seed),
+        )
+        _print_stats("plain", baseline.stats)
+        speedup = baseline.stats.total_time / output.stats.total_time
+        identical = baseline.token_ids == output.token_ids
+        print(f"speedup over plain decoding: {speedup:.2f}x (end to end, same process)", file=sys.stderr)
+        if sampling.do_sample:
+            print("identical to plain decoding: not expected when sampling (same distribution)", file=sys.stderr)
+        else:
+            print(f"identical to plain decoding: {'yes' if identical else 'NO'}", file=sys.stderr)
+        report["plain"] = baseline.stats.as_dict()
+        report["speedup"] = speedup
+        report["identical"] = identical
+        if not identical and not sampling.do_sample:
+            _write_report(arguments.stats_json, report)
+            return 1
+    _write_report(arguments.stats_json, report)
+    return 0
+
+
+def _print_stats(label: str, stats) -> None:
+    accepted = stats.accepted_lengths
+    mean_accepted = sum(accepted) / len(accepted) if accepted else 0.0
+    print(
+        f"[{label}] {stats.new_tokens} tokens in {stats.total_time:.2f} s ({stats.tokens_per_second:.1f} tokens/s); "
+        f"tau {stats.tau:.2f} tokens per target forward, mean accepted length {mean_accepted:.2f}; "
+        f"prefill {stats.prefill_time:.2f} s, drafting {stats.draft_time:.2f} s, verification {stats.verify_time:.2f} s; "
+        f"stopped by {stats.stop_reason}",
+        file=sys.stderr,
+    )
+
+
+def _write_report(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(report, handle, indent=2)
+
+
+class _TextStream:
+    """Prints decoded text as tokens arrive, holding back an incomplete multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        sys.stdout.write(text[self.printed :] + "\n")
+        sys.stdout.flush()

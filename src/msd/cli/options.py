@@ -1,0 +1,89 @@
+"""Command-line options shared by the sub-commands that load models and decode."""
+
+from __future__ import annotations
+
+import argparse
+
+from msd.errors import MSDError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = False) -> None:
+    parser.add_argument(
+        "--target", required=True, metavar="PATH", help="target model: a local folder or a Hugging Face model id"
+    )
+    parser.add_argument(
+        "--draft",
+        required=draft_required,
+        metavar="PATH",
+        help="MSD draft folder (from msd train or msd convert)" + ("" if draft_required else "; omit for plain decoding"),
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weight dtype; auto keeps the checkpoint's (default auto). On CPUs without bf16 support use float32",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, for example cpu or cuda:0 (default cpu)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 means greedy decoding (default 0)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this "
+        "total probability, in (0, 1] (default 1: off)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sampling keeps the k most likely tokens; 0 means off (default 0)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+
+
+def add_tree_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--depth", type=int, default=5, help="draft steps per cycle: the maximum tree depth, in tokens (default 5)"
+    )
+    parser.add_argument(
+        "--tree-top-k",
+        type=int,
+        default=8,
+        help="children proposed per expanded tree node, and nodes expanded per draft step (default 8)",
+    )
+    parser.add_argument(
+        "--total-tokens",
+        type=int,
+        default=48,
+        help="tree size in tokens, root included: the tokens the target verifies per forward (default 48; "
+        "smaller trees suit CPUs)",
+    )
+
+
+def sampling_from(arguments: argparse.Namespace):
+    from msd.decoding import SamplingParams
+
+    if arguments.temperature < 0:
+        raise MSDError(f"--temperature must be 0 (greedy) or positive, got {arguments.temperature}")
+    try:
+        return SamplingParams(
+            do_sample=arguments.temperature > 0,
+            temperature=arguments.temperature if arguments.temperature > 0 else 1.0,
+            top_k=arguments.top_k,
+            top_p=arguments.top_p,
+        )
+    except ValueError as error:
+        raise MSDError(str(error)) from None
+
+
+def tree_from(arguments: argparse.Namespace):
+    from msd.decoding import TreeParams
+
+    try:
+        return TreeParams(depth=arguments.depth, top_k=arguments.tree_top_k, total_tokens=arguments.total_tokens)
+    except ValueError as error:
+        raise MSDError(str(error)) from None

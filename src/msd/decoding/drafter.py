@@ -1,0 +1,175 @@
+"""Drafters: what proposes the tree each cycle.
+
+A drafter follows one sequence through three calls from the generation loop:
+
+- `start(prefill, state, first_token)` after the target's prefill, with the first generated token;
+- `propose(root_token, params, max_depth)` for the tree of the next cycle;
+- `update(new_tokens, accepted_hidden)` after verification, with the emitted tokens (accepted plus bonus) and the
+  target's features at the root and the accepted nodes.
+
+`RootOnlyDrafter` proposes no candidates, which turns the speculative loop into plain decoding through the same
+target calls. `MSDDrafter` runs the MSD draft model and grows an EAGLE-2 dynamic tree.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from transformers import DynamicCache
+
+from msd.decoding.tree import DraftTree, TreeParams, select_nodes
+from msd.draft.model import DraftModel, causal_mask
+from msd.targets.base import PrefillOutput, TargetAdapter, TargetState, truncate_cache
+
+
+class Drafter(ABC):
+    """Proposes draft trees for one sequence (see the module docstring)."""
+
+    def start(self, prefill: PrefillOutput, state: TargetState, first_token: int) -> None:
+        """Begin a sequence after the target's prefill."""
+
+    @abstractmethod
+    def propose(self, root_token: int, params: TreeParams, max_depth: int) -> DraftTree:
+        """A tree rooted at `root_token` (the last emitted token), at most `max_depth` deep."""
+
+    def update(self, new_tokens: torch.Tensor, accepted_hidden: torch.Tensor) -> None:
+        """Take the cycle's outcome: new_tokens (k + 1,) accepted then bonus; accepted_hidden (k + 1, H)."""
+
+
+class RootOnlyDrafter(Drafter):
+    """No draft: every cycle verifies the root alone, which is plain autoregressive decoding."""
+
+    def propose(self, root_token: int, params: TreeParams, max_depth: int) -> DraftTree:
+        return DraftTree.chain([root_token])
+
+
+class MSDDrafter(Drafter):
+    """Grows an EAGLE-2 dynamic tree with the MSD draft model, keeping the draft's own KV cache."""
+
+    def __init__(self, draft: DraftModel, target: TargetAdapter):
+        self.draft = draft.attach(target).eval()
+        self.target = target
+        self.cache: DynamicCache | None = None
+        self.cache_length = 0  # draft slots whose keys and values are kept across cycles
+        self.next_position = 0  # target position id of the token after the root
+        self.root_feature: torch.Tensor | None = None  # (H,) draft output at the root's slot
+        self.root_logprobs: torch.Tensor | None = None  # (V_draft,) draft log-probs of the root's children
+
+    @torch.no_grad()
+    def start(self, prefill: PrefillOutput, state: TargetState, first_token: int) -> None:
+        device = self.target.device
+        # Slot j pairs the target feature h_j with token x_{j+1} and takes x_{j+1}'s position (see msd.draft.model).
+        first = torch.tensor([first_token], device=device)
+        next_tokens = torch.cat([prefill.input_ids[1:], first])  # (L,)
+        next_visual = torch.cat([prefill.visual_mask[1:], torch.zeros(1, dtype=torch.bool, device=device)])
+        next_embeds = torch.cat([prefill.inputs_embeds[1:], prefill.inputs_embeds[-1:]])  # last row unused: text
+        next_positions = torch.cat(
+            [prefill.positions[:, 1:], self.target.generated_positions(state, 1)[: prefill.positions.shape[0]]], dim=1
+        )
+        self.cache = DynamicCache()
+        self.cache_length = 0
+        self.next_position = state.next_position + 1
+        self._extend(next_tokens, prefill.hidden_states, next_positions, next_visual, next_embeds)
+
+    @torch.no_grad()
+    def update(self, new_tokens: torch.Tensor, accepted_hidden: torch.Tensor) -> None:
+        count = new_tokens.shape[0]
+        truncate_cache(self.cache, self.cache_length)  # drop the tree slots drafted this cycle
+        positions = self._positions(torch.arange(count, device=self.target.device))
+        self._extend(new_tokens.to(self.target.device), accepted_hidden, positions)
+        self.next_position += count
+
+    def _positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """(P, n) position ids `next_position + offsets` in the draft's position rows."""
+        positions = self.next_position + offsets
+        return positions.view(1, -1).expand(self.draft.position_rows, -1)
+
+    def _extend(self, tokens, features, positions, visual_mask=None, visual_embeds=None) -> None:
+        """Append slots to the draft cache; the last slot's output becomes the next root's."""
+        count = tokens.shape[0]
+        mask = causal_mask(count, self.draft.fc.weight.dtype, tokens.device, cached=self.cache_length)
+        hidden = self.draft(
+            tokens[None],
+            features[None],
+            positions[:, None],
+            attention_mask=mask[None, None],
+            cache=self.cache,
+            visual_embeds=None if visual_embeds is None else visual_embeds[None],
+            visual_mask=None if visual_mask is None else visual_mask[None],
+        )[0]
+        self.cache_length += count
+        self.root_feature = hidden[-1]
+        self.root_logprobs = torch.log_softmax(self.draft.compute_logits(hidden[-1]).float(), dim=-1)
+
+    @torch.no_grad()
+    def propose(self, root_token: int, params: TreeParams, max_depth: int) -> DraftTree:
+        depth = min(params.depth, max_depth)
+        if depth < 1 or params.total_tokens < 2:
+            return DraftTree.chain([root_token])
+        device = self.target.device
+        top_k = min(params.top_k, self.root_logprobs.shape[0])
+
+        # Candidates are stored parents-first: tokens (draft-vocabulary ids), parent index (-1 = root), score.
+        scores, tokens = self.root_logprobs.topk(top_k)
+        cand_tokens = [tokens]
+        cand_parents = [torch.full((top_k,), -1, dtype=torch.long, device=device)]
+        cand_scores = [scores]
+        frontier = torch.arange(top_k, device=device)  # candidate indices expanded next
+        frontier_features = self.root_feature.expand(top_k, -1)  # (k, H) feature of each frontier node's parent
+        fed_slot: dict[int, int] = {}  # candidate index -> draft cache slot, for the tree attention mask
+        all_parents = cand_parents[0].clone()
+        count = top_k
+
+        for step in range(1, depth):
+            frontier_tokens = torch.cat(cand_tokens)[frontier]
+            hidden = self._feed_frontier(frontier, frontier_tokens, frontier_features, all_parents, fed_slot, step)
+            logprobs = torch.log_softmax(self.draft.compute_logits(hidden).float(), dim=-1)  # (k, V_draft)
+            child_scores, child_tokens = logprobs.topk(top_k, dim=-1)  # (k, k)
+            child_scores = child_scores + torch.cat(cand_scores)[frontier][:, None]  # cumulative log-probability
+
+            cand_tokens.append(child_tokens.reshape(-1))
+            new_parents = frontier.repeat_interleave(top_k)
+            cand_parents.append(new_parents)
+            cand_scores.append(child_scores.reshape(-1))
+            all_parents = torch.cat([all_parents, new_parents])
+
+            best = child_scores.reshape(-1).topk(top_k).indices  # next frontier among the new children
+            frontier_features = hidden[best // top_k]
+            frontier = count + best
+            count += top_k * top_k
+
+        scores = torch.cat(cand_scores)
+        parents = torch.cat(cand_parents)
+        chosen = select_nodes(scores.cpu(), parents.cpu(), params.total_tokens - 1).to(device)
+        # Renumber: the root becomes node 0 and chosen candidate chosen[i] becomes node i + 1.
+        new_index = torch.full((count,), -1, dtype=torch.long, device=device)
+        new_index[chosen] = torch.arange(1, chosen.shape[0] + 1, device=device)
+        chosen_parents = parents[chosen]
+        tree_parents = torch.where(chosen_parents < 0, 0, new_index[chosen_parents.clamp(min=0)])
+        target_tokens = self.draft.to_target_ids(torch.cat(cand_tokens)[chosen])
+        return DraftTree(
+            tokens=torch.cat([torch.tensor([root_token], device=device), target_tokens]).cpu(),
+            parents=torch.cat([torch.tensor([-1], device=device), tree_parents]).cpu(),
+        )
+
+    def _feed_frontier(self, frontier, tokens, features, parents, fed_slot, step) -> torch.Tensor:
+        """Run the draft on the frontier nodes; each attends to the kept slots, its fed ancestors and itself."""
+        k = frontier.shape[0]
+        device = tokens.device
+        first_slot = self.cache.get_seq_length()
+        allowed = torch.zeros(k, first_slot + k, dtype=torch.bool, device=device)
+        allowed[:, : self.cache_length] = True
+        for row, node in enumerate(frontier.tolist()):
+            allowed[row, first_slot + row] = True
+            ancestor = int(parents[node])
+            while ancestor >= 0:
+                allowed[row, fed_slot[ancestor]] = True
+                ancestor = int(parents[ancestor])
+            fed_slot[node] = first_slot + row
+        dtype = self.draft.fc.weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        # A node at depth `step` (the root's children are depth 1) sits `step` positions after the root's child slot.
+        positions = self._positions(torch.full((k,), step - 1, device=device))
+        token_ids = self.draft.to_target_ids(tokens)
+        return self.draft(token_ids[None], features[None], positions[:, None], mask[None, None], self.cache)[0]

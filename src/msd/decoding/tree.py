@@ -1,0 +1,105 @@
+"""Draft trees: the candidate continuations a drafter proposes and the target verifies in one forward.
+
+Node 0 is the root: the last token already emitted, which is not yet in the target's cache. Every other node is a
+candidate token whose parent is the token before it. Nodes are stored parents-first (a parent's index is smaller than
+its children's), so a path is read by following `parents` from any node to the root.
+
+`select_nodes` implements EAGLE-2's dynamic tree: candidates are scored by the cumulative log-probability the draft
+gives their path, and the best `total_tokens - 1` of them form the tree. A child's score is at most its parent's,
+so the selected set always contains each selected node's ancestors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    """Shape of the draft tree.
+
+    depth: draft steps per cycle, so the tree's maximum depth below the root and tau's upper bound minus one.
+    top_k: children kept per expanded node, and nodes expanded per step.
+    total_tokens: maximum nodes in the tree, root included; the target verifies this many tokens per forward.
+    """
+
+    depth: int = 5
+    top_k: int = 8
+    total_tokens: int = 48
+
+    def __post_init__(self):
+        for name in ("depth", "top_k", "total_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tree {name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DraftTree:
+    """A tree of n candidate tokens; node 0 is the root."""
+
+    tokens: torch.Tensor  # (n,) token ids
+    parents: torch.Tensor  # (n,) parent index, -1 for the root
+
+    def __post_init__(self):
+        depths = [0] * len(self)
+        for node in range(1, len(self)):
+            parent = int(self.parents[node])
+            if not 0 <= parent < node:
+                raise ValueError(f"tree node {node} has parent {parent}; parents must come before their children")
+            depths[node] = depths[parent] + 1
+        self.depths = torch.tensor(depths, dtype=torch.long)  # (n,) depth below the root
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @classmethod
+    def chain(cls, tokens: list[int] | torch.Tensor) -> DraftTree:
+        """A tree with one path: tokens[0] is the root and each later token the child of the one before."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        return cls(tokens=tokens, parents=torch.arange(-1, tokens.shape[0] - 1))
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """(n, n) bool mask: [i, j] is True when node j is node i or one of its ancestors."""
+        n = len(self)
+        mask = torch.eye(n, dtype=torch.bool)
+        for node in range(1, n):
+            mask[node] |= mask[int(self.parents[node])]
+        return mask
+
+    def children(self) -> list[dict[int, int]]:
+        """For each node, a map from child token id to child node index."""
+        table: list[dict[int, int]] = [{} for _ in range(len(self))]
+        for node in range(1, len(self)):
+            table[int(self.parents[node])].setdefault(int(self.tokens[node]), node)
+        return table
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, both included."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = int(self.parents[node])
+        return path[::-1]
+
+
+def select_nodes(scores: torch.Tensor, parents: torch.Tensor, budget: int) -> torch.Tensor:
+    """Choose up to `budget` candidates with the highest scores, closed under ancestors.
+
+    scores: (m,) cumulative log-probabilities; parents: (m,) index of each candidate's parent among the candidates,
+    -1 for children of the root. Candidates must be listed parents-first. Returns the chosen indices, sorted, so the
+    result is again parents-first.
+    """
+    if budget >= scores.shape[0]:
+        return torch.arange(scores.shape[0])
+    # Stable sort on -score: among equal scores the earlier (shallower) candidate wins, so a parent ranks at least as
+    # high as its child even when the child's log-probability is exactly 0.
+    order = torch.sort(-scores, stable=True).indices[:budget]
+    chosen = set(order.tolist())
+    for node in order.tolist():  # guard against NaN scores breaking the ordering argument above
+        parent = int(parents[node])
+        while parent >= 0 and parent not in chosen:
+            chosen.add(parent)
+            parent = int(parents[parent])
+    return torch.tensor(sorted(chosen), dtype=torch.long)

@@ -1,0 +1,193 @@
+"""The MSD draft: one decoder layer of the target's family that predicts the target's next feature.
+
+Alignment. The target reads tokens x_0 .. x_{L-1} and produces last-layer features h_0 .. h_{L-1}; h_j predicts
+x_{j+1}. Draft slot j pairs h_j with the next token x_{j+1} and predicts h_{j+1}:
+
+    text slot (x_{j+1} is text):     input_j = fc([embed(x_{j+1}) ; h_j])        fc: 2H -> H, with bias
+    visual slot (x_{j+1} is visual): input_j = v_{j+1}                          the target's projected visual embedding
+
+A visual token comes from a bidirectional vision encoder, so pairing it with the feature before it carries no
+left-to-right signal; its own embedding is passed straight through instead. Slot j takes the position id of x_{j+1},
+the token it embeds, so a visual slot keeps its image-grid position under Qwen2-VL's multimodal rotary scheme. With
+1-D rotary positions this is the research code's numbering shifted by one, which rotary attention does not see.
+
+The token embedding and the LM head belong to the target. The draft borrows them through `attach` and neither
+stores nor saves them; with a reduced draft vocabulary the head is the target's rows for those tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLRotaryEmbedding
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding
+
+from msd.draft.config import DraftConfig
+from msd.errors import MSDError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+
+#: language-model `model_type` -> (decoder layer, rotary embedding, position-id rows)
+DECODER_LAYERS = {
+    "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding, 1),
+    "mistral": (MistralDecoderLayer, MistralRotaryEmbedding, 1),
+    "qwen2": (Qwen2DecoderLayer, Qwen2RotaryEmbedding, 1),
+    "qwen2_vl_text": (Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding, 3),
+    "qwen2_5_vl_text": (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRotaryEmbedding, 3),
+}
+
+
+class DraftModel(nn.Module):
+    """Fusion layer plus one decoder layer; see the module docstring for the inputs at text and visual slots."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        if config.layer_family not in DECODER_LAYERS:
+            raise MSDError(
+                f"no draft decoder layer for language-model family {config.layer_family!r}; "
+                f"supported: {', '.join(DECODER_LAYERS)}."
+            )
+        self.config = config
+        layer_class, rotary_class, self.position_rows = DECODER_LAYERS[config.layer_family]
+        text_config = config.build_text_config()
+        hidden = config.hidden_size
+
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.layer = layer_class(text_config, layer_idx=0)
+        if not config.input_layernorm:
+            self.layer.input_layernorm = nn.Identity()
+        self.rotary_emb = rotary_class(config=text_config)
+        if config.draft_vocab_size is not None:
+            self.register_buffer("draft_to_target", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_to_target = None
+        # Borrowed from the target by `attach`; kept out of the module tree so they are neither trained nor saved.
+        self._shared: dict[str, torch.Tensor] = {}
+
+    # -- the target's shared parts --------------------------------------------------------------------
+
+    def attach(self, target) -> DraftModel:
+        """Check the draft fits `target` (a TargetAdapter), move to its device and dtype, and borrow its frozen
+        embedding and LM head."""
+        self.config.check_fits(target)
+        self.to(device=target.device, dtype=target.dtype)
+        head = target.lm_head.weight.detach()
+        if self.draft_to_target is not None:
+            head = head[self.draft_to_target.to(head.device)]  # (draft vocab, H): a small copy of the used rows
+        self._shared = {"embed": target.embed_tokens.weight.detach(), "head": head}
+        return self
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self._require("embed")).to(self.fc.weight.dtype)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the draft vocabulary (the target's, unless reduced): (..., H) -> (..., V_draft)."""
+        head = self._require("head")
+        return F.linear(hidden.to(head.dtype), head)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map indices into the draft vocabulary to target token ids."""
+        if self.draft_to_target is None:
+            return draft_ids
+        return self.draft_to_target[draft_ids]
+
+    def _require(self, name: str) -> torch.Tensor:
+        if name not in self._shared:
+            raise RuntimeError("the draft is not attached to a target; call draft.attach(target) first")
+        return self._shared[name]
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        features: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        visual_embeds: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the target's next features.
+
+        token_ids: (B, T) the next token of each slot; features: (B, T, H) the target's (or the draft's own) feature
+        at each slot; position_ids: (P, B, T) with P the family's position rows; attention_mask: additive
+        (B, 1, T, cached + T), or None for causal attention over the slots alone; visual_embeds: (B, T, H) and
+        visual_mask: (B, T) bool for visual slots. Returns (B, T, H).
+        """
+        hidden = self.fc(torch.cat([self.embed(token_ids), features.to(self.fc.weight.dtype)], dim=-1))
+        if self.config.decouple_visual and visual_mask is not None and bool(visual_mask.any()):
+            hidden = torch.where(visual_mask[..., None], visual_embeds.to(hidden.dtype), hidden)
+
+        if attention_mask is None:
+            attention_mask = causal_mask(token_ids.shape[1], hidden.dtype, hidden.device)[None, None]
+        position_ids = position_ids if self.position_rows == 3 else position_ids[0]
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        return self.layer(
+            hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            position_embeddings=position_embeddings,
+        )
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write config.json and model.safetensors; each file is written to a temporary name and renamed."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
+            temporary = handle.name
+        save_file(state, temporary, metadata={"format": "pt", "msd_draft": "1"})
+        os.replace(temporary, folder / WEIGHTS_NAME)
+        self.config.save(folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> DraftModel:
+        """Load a draft saved by `save_pretrained`; missing or unexpected weights raise MSDError."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MSDError(f"draft folder not found: {folder}")
+        config = DraftConfig.load(folder)
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
+            raise MSDError(f"no draft weights at {weights}")
+        state = load_file(str(weights))
+        model = cls(config)
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise MSDError(
+                f"draft weights in {weights} do not match its config: missing {missing or 'none'}, "
+                f"unexpected {unexpected or 'none'}."
+            )
+        model.load_state_dict(state, strict=True)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device).eval()
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device, cached: int = 0) -> torch.Tensor:
+    """Additive (length, cached + length) mask: each new slot sees the cache and the slots up to itself."""
+    allowed = torch.ones(length, cached + length, dtype=torch.bool, device=device)
+    allowed[:, cached:] = torch.tril(allowed[:, cached:])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,70 @@
+"""Target adapters, one per model family, and a loader that picks the right one from a checkpoint's config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from msd.errors import MSDError
+from msd.targets.base import PrefillOutput, TargetAdapter, TargetState
+from msd.targets.llava import LlavaAdapter
+from msd.targets.qwen2_vl import Qwen2VLAdapter
+
+logger = logging.getLogger(__name__)
+
+ADAPTERS: tuple[type[TargetAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+SUPPORTED_MODEL_TYPES = tuple(model_type for adapter in ADAPTERS for model_type in adapter.model_types)
+
+__all__ = [
+    "ADAPTERS",
+    "SUPPORTED_MODEL_TYPES",
+    "LlavaAdapter",
+    "PrefillOutput",
+    "Qwen2VLAdapter",
+    "TargetAdapter",
+    "TargetState",
+    "adapter_for",
+    "load_target",
+]
+
+
+def adapter_for(model, processor=None) -> TargetAdapter:
+    """Wrap a loaded transformers model in the adapter for its family."""
+    model_type = model.config.model_type
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter(model, processor)
+    raise MSDError(
+        f"unsupported target model family {model_type!r}. msd supports: {', '.join(SUPPORTED_MODEL_TYPES)}."
+    )
+
+
+def load_target(
+    path: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> TargetAdapter:
+    """Load a target model and its processor from a local folder or a Hugging Face model id."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise MSDError(f"cannot load a model config from {path!s}: {error}") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise MSDError(
+            f"unsupported target model family {config.model_type!r} in {path!s}. "
+            f"msd supports: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except ImportError as error:
+        raise MSDError(f"cannot load the processor of {path!s}: {error}") from None
+    logger.info("loading target %s (%s)", path, config.model_type)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation
+    ).to(device)
+    return adapter_for(model, processor)
