@@ -1,0 +1,98 @@
+"""Greedy output of speculative decoding equals the target's own `generate`, token for token.
+
+The case table crosses prompts (short, long), image counts and sizes, drafters (the random MSD draft, an oracle that
+proposes the target's continuation, the oracle with wrong siblings), tree shapes, max_new_tokens values that end in
+the middle of a tree, and an EOS token that falls inside a tree.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from msd.decoding import SpeculativeGenerator, TreeParams
+from msd.draft import DraftConfig, DraftModel
+from oracle import OracleDrafter
+from tiny_models import CORPUS, random_image
+
+PROMPTS = {"short": "Hi", "long": " ".join(CORPUS * 3)}
+IMAGE_SETS = {
+    "none": [],
+    "one": [(80, 60)],
+    "two_mixed": [(120, 90), (40, 150)],
+    "three": [(56, 56), (100, 70), (70, 100)],
+}
+TREES = [TreeParams(1, 1, 2), TreeParams(3, 2, 6), TreeParams(4, 4, 16), TreeParams(6, 8, 48), TreeParams(5, 10, 60)]
+DRAFTERS = ["msd_random", "oracle", "oracle_decoys"]
+MAX_NEW = [1, 9, 23]
+
+
+def make_cases():
+    """54 cases: every drafter and tree shape, cycling through prompts, images and lengths."""
+    cases = []
+    combos = itertools.product(DRAFTERS, range(len(TREES)), PROMPTS, IMAGE_SETS)
+    for index, (drafter, tree, prompt, image_set) in enumerate(combos):
+        if index % 5 >= 2 and drafter == "msd_random":  # the random draft is rarely accepted: fewer of those
+            continue
+        cases.append((drafter, tree, prompt, image_set, MAX_NEW[index % 3], index % 4 == 0))
+        if len(cases) == 54:
+            break
+    return cases
+
+
+CASES = make_cases()
+
+
+def build_drafter(kind, family, inputs, max_new_tokens, tree):
+    if kind == "msd_random":
+        torch.manual_seed(7)
+        return DraftModel(DraftConfig.for_target(family.target))
+    # The continuation covers the longest generation plus a full tree beyond it, with EOS ignored.
+    plain = SpeculativeGenerator(family.target, None)
+    continuation = plain.generate(inputs, max_new_tokens=max_new_tokens + tree.depth + 2, eos_token_ids=[]).token_ids
+    return OracleDrafter(continuation, family.target.vocab_size, decoys=2 if kind == "oracle_decoys" else 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, case)) for case in CASES])
+def test_greedy_matches_generate(family, case):
+    drafter_kind, tree_index, prompt, image_set, max_new_tokens, eos_inside = case
+    tree = TREES[tree_index]
+    images = [random_image(w, h, seed=i) for i, (w, h) in enumerate(IMAGE_SETS[image_set])]
+    inputs = family.make_inputs(PROMPTS[prompt], images)
+
+    eos = None
+    if eos_inside:
+        # Make a token the target emits mid-answer the EOS token, so generation stops inside a verified tree.
+        free_run = family.reference(inputs, 12, eos_token_id=-1)
+        eos = free_run[min(5, len(free_run) - 1)]
+    expected = family.reference(inputs, max_new_tokens, eos_token_id=eos)
+
+    drafter = build_drafter(drafter_kind, family, inputs, max_new_tokens, tree)
+    generator = SpeculativeGenerator(family.target, drafter, tree)
+    output = generator.generate(inputs, max_new_tokens=max_new_tokens, eos_token_ids=None if eos is None else [eos])
+    assert output.token_ids == expected
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5])
+def test_oracle_reaches_max_tau(family, images, depth):
+    # An oracle chain is accepted whole every cycle: tau = depth + 1 and the output is unchanged.
+    inputs = family.make_inputs("Describe the picture", images[:1])
+    max_new_tokens = 1 + 4 * (depth + 1)
+    plain = SpeculativeGenerator(family.target, None)
+    continuation = plain.generate(inputs, max_new_tokens=max_new_tokens + depth + 2, eos_token_ids=[]).token_ids
+    drafter = OracleDrafter(continuation, family.target.vocab_size)
+    tree = TreeParams(depth=depth, top_k=4, total_tokens=depth + 1)
+    output = SpeculativeGenerator(family.target, drafter, tree).generate(
+        inputs, max_new_tokens=max_new_tokens, eos_token_ids=[]
+    )
+    assert output.token_ids == continuation[:max_new_tokens]
+    assert output.stats.tau == depth + 1
+    assert output.stats.target_forwards == 4
+
+
+def test_plain_decoding_matches_generate(family, images):
+    # The baseline path (no draft) must itself be exact, since speedups are measured against it.
+    inputs = family.make_inputs("What is this?", images[:2])
+    output = SpeculativeGenerator(family.target, None).generate(inputs, max_new_tokens=20)
+    assert output.token_ids == family.reference(inputs, 20)
+    assert output.stats.tau == 1.0

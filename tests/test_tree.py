@@ -1,0 +1,63 @@
+"""Draft tree structure: depths, ancestor mask, children, EAGLE-2 node selection."""
+
+import pytest
+import torch
+
+from msd.decoding.tree import DraftTree, TreeParams, select_nodes
+
+
+def example_tree() -> DraftTree:
+    # 0 -> 1 -> 3 -> 5
+    #   -> 2 -> 4
+    return DraftTree(tokens=torch.tensor([10, 11, 12, 13, 14, 15]), parents=torch.tensor([-1, 0, 0, 1, 2, 3]))
+
+
+def test_tree_depths():
+    assert example_tree().depths.tolist() == [0, 1, 1, 2, 2, 3]
+
+
+def test_ancestor_mask_rows():
+    mask = example_tree().ancestor_mask()
+    # Each row holds the node itself and its ancestors, nothing else.
+    assert mask[0].nonzero().view(-1).tolist() == [0]
+    assert mask[3].nonzero().view(-1).tolist() == [0, 1, 3]
+    assert mask[4].nonzero().view(-1).tolist() == [0, 2, 4]
+    assert mask[5].nonzero().view(-1).tolist() == [0, 1, 3, 5]
+
+
+def test_children_and_path():
+    tree = example_tree()
+    assert tree.children()[0] == {11: 1, 12: 2}
+    assert tree.children()[5] == {}
+    assert tree.path_to(5) == [0, 1, 3, 5]
+
+
+def test_chain_tree():
+    tree = DraftTree.chain([7, 8, 9])
+    assert tree.parents.tolist() == [-1, 0, 1]
+    assert torch.equal(tree.ancestor_mask(), torch.tril(torch.ones(3, 3, dtype=torch.bool)))
+
+
+def test_parent_after_child_rejected():
+    with pytest.raises(ValueError, match="parents must come before"):
+        DraftTree(tokens=torch.tensor([1, 2, 3]), parents=torch.tensor([-1, 2, 0]))
+
+
+def test_tree_params_validation():
+    with pytest.raises(ValueError, match="depth"):
+        TreeParams(depth=0)
+
+
+def test_select_nodes_keeps_best_and_ancestors():
+    # Candidates parents-first: 0 and 1 are root children; 2, 3 children of 0; 4 child of 1.
+    scores = torch.tensor([-0.1, -2.0, -0.3, -0.2, -2.1])
+    parents = torch.tensor([-1, -1, 0, 0, 1])
+    assert select_nodes(scores, parents, 3).tolist() == [0, 2, 3]
+    assert select_nodes(scores, parents, 10).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_select_nodes_ties_prefer_parent():
+    # A child with log-probability 0 ties its parent; the budget of one must pick the parent.
+    scores = torch.tensor([-1.0, -1.0])
+    parents = torch.tensor([-1, 0])
+    assert select_nodes(scores, parents, 1).tolist() == [0]

@@ -1,0 +1,89 @@
+"""Tree walking: greedy acceptance and the exactness of sampled acceptance on synthetic logits."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from msd.decoding.tree import DraftTree
+from msd.decoding.verify import SamplingParams, TokenChooser, walk_tree
+
+VOCAB = 6
+
+
+def branching_tree() -> DraftTree:
+    # root(0) -> token 1 (node 1) -> token 3 (node 3)
+    #         -> token 2 (node 2)
+    return DraftTree(tokens=torch.tensor([0, 1, 2, 3]), parents=torch.tensor([-1, 0, 0, 1]))
+
+
+def test_greedy_walk_accepts_matching_path():
+    logits = torch.full((4, VOCAB), -5.0)
+    logits[0, 1] = 5  # root -> 1: accepted
+    logits[1, 3] = 5  # node 1 -> 3: accepted
+    logits[3, 4] = 5  # leaf -> 4: bonus
+    path, bonus = walk_tree(branching_tree(), logits, TokenChooser(SamplingParams()))
+    assert path == [0, 1, 3]
+    assert bonus == 4
+
+
+def test_greedy_walk_rejects_at_root():
+    logits = torch.full((4, VOCAB), -5.0)
+    logits[0, 5] = 5  # no child carries token 5
+    path, bonus = walk_tree(branching_tree(), logits, TokenChooser(SamplingParams()))
+    assert path == [0]
+    assert bonus == 5
+
+
+def exact_first_two(logits: torch.Tensor, chooser: TokenChooser, tree: DraftTree) -> torch.Tensor:
+    """Exact joint distribution of the first two emitted tokens; the second is only defined after accepting a child."""
+    probs = chooser.probabilities(logits)
+    children = tree.children()[0]
+    joint = torch.zeros(VOCAB, VOCAB + 1)  # column VOCAB: the cycle ended after the first token
+    for first in range(VOCAB):
+        if first in children:
+            joint[first, :VOCAB] = probs[0, first] * probs[children[first]]
+        else:
+            joint[first, VOCAB] = probs[0, first]
+    return joint
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(do_sample=True),
+        SamplingParams(do_sample=True, temperature=0.6),
+        SamplingParams(do_sample=True, top_k=3),
+        SamplingParams(do_sample=True, top_p=0.7),
+        SamplingParams(do_sample=True, temperature=1.4, top_k=4, top_p=0.9),
+    ],
+    ids=["plain", "temperature", "top_k", "top_p", "combined"],
+)
+def test_sampled_walk_matches_target_distribution(params):
+    # Sample many walks over fixed logits; the emitted (first, second) pairs must follow the target's distribution.
+    generator = torch.Generator().manual_seed(1234)
+    logits = torch.randn(4, VOCAB, generator=generator) * 1.5
+    tree = branching_tree()
+    chooser = TokenChooser(params, generator)
+    counts = torch.zeros(VOCAB, VOCAB + 1)
+    samples = 6000
+    for _ in range(samples):
+        path, bonus = walk_tree(tree, logits, chooser)
+        if len(path) == 1:
+            counts[bonus, VOCAB] += 1
+        else:
+            counts[int(tree.tokens[path[1]]), bonus if len(path) == 2 else int(tree.tokens[path[2]])] += 1
+    expected = exact_first_two(logits, chooser, tree) * samples
+    support = expected.view(-1) > 0
+    # Outcomes outside the warped support must never appear.
+    assert counts.view(-1)[~support].sum() == 0
+    result = chisquare(counts.view(-1)[support], expected.view(-1)[support])
+    assert result.pvalue > 1e-3, result
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1)
