@@ -1,0 +1,92 @@
+"""`msd generate` from the shell on a tiny saved LLaVA model and real image files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from msd.cli import main
+from msd.draft import DraftConfig, DraftModel
+from msd.targets import adapter_for
+from tiny_models import build_llava, random_image
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny LLaVA target with its processor, a draft for it, and an image, all on disk."""
+    root = tmp_path_factory.mktemp("cli")
+    model, processor = build_llava(seed=4, dtype=torch.float32)
+    model.save_pretrained(root / "target")
+    processor.save_pretrained(root / "target")
+    torch.manual_seed(0)
+    DraftModel(DraftConfig.for_target(adapter_for(model))).save_pretrained(root / "draft")
+    random_image(90, 70, seed=5).save(root / "photo.png")
+    random_image(50, 120, seed=6).save(root / "scan.jpg")
+    return root
+
+
+def test_generate_compare_from_shell(saved):
+    # The real console entry point in a fresh process, with a draft, two images and --compare.
+    stats = saved / "stats.json"
+    command = [
+        sys.executable, "-m", "msd", "generate",
+        "--target", str(saved / "target"), "--draft", str(saved / "draft"),
+        "--image", str(saved / "photo.png"), "--image", str(saved / "scan.jpg"),
+        "--prompt", "Compare <image> with <image>.", "--max-new-tokens", "12",
+        "--depth", "3", "--tree-top-k", "3", "--total-tokens", "8", "--compare", "--stats-json", str(stats),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert "identical to plain decoding: yes" in result.stderr
+    assert "tau" in result.stderr
+    report = json.loads(stats.read_text())
+    assert report["identical"] is True
+    assert report["msd"]["new_tokens"] == report["plain"]["new_tokens"] == 12
+    assert result.stdout.strip()  # the streamed answer
+
+
+def test_generate_sampling(saved, capsys):
+    code = main([
+        "generate", "--target", str(saved / "target"), "--image", str(saved / "photo.png"),
+        "--prompt", "What is it?", "--max-new-tokens", "5", "--temperature", "0.8", "--top-p", "0.9",
+        "--top-k", "20", "--no-stream",
+    ])
+    assert code == 0
+    assert "[plain] 5 tokens" in capsys.readouterr().err
+
+
+def test_missing_image_is_clear_error(saved, capsys):
+    code = main([
+        "generate", "--target", str(saved / "target"), "--image", str(saved / "missing.png"), "--prompt", "hi",
+    ])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "image file not found" in err
+    assert "missing.png" in err
+    assert "Traceback" not in err
+
+
+def test_placeholder_mismatch_is_clear_error(saved, capsys):
+    code = main([
+        "generate", "--target", str(saved / "target"), "--image", str(saved / "photo.png"),
+        "--prompt", "<image> vs <image>",
+    ])
+    assert code == 2
+    assert "2 <image> placeholders but 1 images" in capsys.readouterr().err
+
+
+def test_bad_draft_is_clear_error(saved, tmp_path, capsys):
+    code = main([
+        "generate", "--target", str(saved / "target"), "--draft", str(tmp_path), "--prompt", "hi",
+    ])
+    assert code == 2
+    assert "no draft config" in capsys.readouterr().err
+
+
+def test_bad_tree_option_is_clear_error(saved, capsys):
+    code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--depth", "0"])
+    assert code == 2
+    assert "depth must be at least 1" in capsys.readouterr().err

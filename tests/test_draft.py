@@ -1,0 +1,141 @@
+"""The MSD draft: files, the fit check, visual slots, and the drafter's tree against sequential drafting."""
+
+import json
+
+import pytest
+import torch
+
+from msd.decoding.drafter import MSDDrafter
+from msd.decoding.tree import TreeParams
+from msd.draft import DraftConfig, DraftModel
+from msd.errors import MSDError
+
+
+def make_draft(target, seed=3, **options):
+    torch.manual_seed(seed)
+    return DraftModel(DraftConfig.for_target(target, **options)).attach(target)
+
+
+def run_slots(draft, target, length=6, visual_at=(2, 3), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = target.hidden_size
+    tokens = torch.randint(0, target.vocab_size, (1, length), generator=generator)
+    features = torch.randn(1, length, hidden, generator=generator, dtype=target.dtype)
+    visual_embeds = torch.randn(1, length, hidden, generator=generator, dtype=target.dtype)
+    visual_mask = torch.zeros(1, length, dtype=torch.bool)
+    visual_mask[0, list(visual_at)] = True
+    positions = torch.arange(length).view(1, 1, length).expand(draft.position_rows, 1, length)
+    return tokens, features, positions, visual_embeds, visual_mask
+
+
+def test_save_load_round_trip(family, tmp_path):
+    draft = make_draft(family.target)
+    tokens, features, positions, visual_embeds, visual_mask = run_slots(draft, family.target)
+    before = draft(tokens, features, positions, visual_embeds=visual_embeds, visual_mask=visual_mask)
+    draft.save_pretrained(tmp_path / "draft")
+    loaded = DraftModel.from_pretrained(tmp_path / "draft").attach(family.target)
+    after = loaded(tokens, features, positions, visual_embeds=visual_embeds, visual_mask=visual_mask)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    # The shared embedding and LM head are not part of the saved weights.
+    assert not any("embed" in name or "head" in name for name in loaded.state_dict())
+
+
+def test_visual_slot_ignores_target_feature(llava_family):
+    # At a visual slot the input is the projected visual embedding alone; the paired target feature must not matter.
+    draft = make_draft(llava_family.target)
+    tokens, features, positions, visual_embeds, visual_mask = run_slots(draft, llava_family.target, visual_at=(2,))
+    base = draft(tokens, features, positions, visual_embeds=visual_embeds, visual_mask=visual_mask)
+    changed = features.clone()
+    changed[0, 2] += 1.0
+    again = draft(tokens, changed, positions, visual_embeds=visual_embeds, visual_mask=visual_mask)
+    torch.testing.assert_close(again[0, :3], base[0, :3], rtol=0, atol=0)
+    # Changing the visual embedding does change the slot.
+    moved = visual_embeds.clone()
+    moved[0, 2] += 1.0
+    third = draft(tokens, features, positions, visual_embeds=moved, visual_mask=visual_mask)
+    assert not torch.allclose(third[0, 2], base[0, 2])
+
+
+def test_ablation_fuses_visual_slots(llava_family):
+    # With decouple_visual=False (the EAGLE-style ablation) the target feature at a visual slot is used.
+    draft = make_draft(llava_family.target, decouple_visual=False)
+    tokens, features, positions, visual_embeds, visual_mask = run_slots(draft, llava_family.target, visual_at=(2,))
+    base = draft(tokens, features, positions, visual_embeds=visual_embeds, visual_mask=visual_mask)
+    changed = features.clone()
+    changed[0, 2] += 1.0
+    again = draft(tokens, changed, positions, visual_embeds=visual_embeds, visual_mask=visual_mask)
+    assert not torch.allclose(again[0, 2], base[0, 2])
+
+
+def test_draft_for_other_family_rejected(llava_family, qwen_family):
+    draft = DraftModel(DraftConfig.for_target(llava_family.target))
+    with pytest.raises(MSDError, match="does not fit"):
+        draft.attach(qwen_family.target)
+
+
+def test_draft_with_other_hidden_size_rejected(llava_family):
+    config = DraftConfig.for_target(llava_family.target)
+    config.text_config = dict(config.text_config, hidden_size=32, intermediate_size=64)
+    with pytest.raises(MSDError, match="hidden size 32"):
+        config.check_fits(llava_family.target)
+
+
+def test_load_errors(llava_family, tmp_path):
+    with pytest.raises(MSDError, match="not found"):
+        DraftModel.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MSDError, match="no draft config"):
+        DraftModel.from_pretrained(tmp_path / "empty")
+    (tmp_path / "research").mkdir()
+    (tmp_path / "research" / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(MSDError, match="msd convert"):
+        DraftModel.from_pretrained(tmp_path / "research")
+
+
+def test_missing_weights_rejected(llava_family, tmp_path):
+    draft = make_draft(llava_family.target)
+    draft.save_pretrained(tmp_path / "draft")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "draft" / "model.safetensors"))
+    del weights["fc.weight"]
+    save_file(weights, str(tmp_path / "draft" / "model.safetensors"))
+    with pytest.raises(MSDError, match="fc.weight"):
+        DraftModel.from_pretrained(tmp_path / "draft")
+
+
+def sequential_logprobs(family, inputs, draft, path_tokens):
+    """The draft's log-probs after drafting `path_tokens[1:]` one at a time from the root."""
+    drafter = MSDDrafter(draft, family.target)
+    prefill, state = family.target.prefill(inputs)
+    drafter.start(prefill, state, path_tokens[0])
+    for token in path_tokens[1:]:
+        # update() with the draft's own feature is one sequential draft step.
+        drafter.update(torch.tensor([token]), drafter.root_feature[None])
+    return drafter.root_logprobs
+
+
+@pytest.mark.parametrize("tree", [TreeParams(3, 2, 12), TreeParams(4, 3, 10)], ids=["full", "pruned"])
+def test_drafter_tree_matches_sequential(family, images, tree):
+    # Each child in the proposed tree must be among the top-k of the draft's sequential prediction at its parent.
+    # This checks the draft's tree attention mask, its positions and its cache handling.
+    inputs = family.make_inputs("Describe it", images[:1])
+    draft = make_draft(family.target, seed=5)
+    drafter = MSDDrafter(draft, family.target)
+    prefill, state = family.target.prefill(inputs)
+    root = int(prefill.logits.argmax())
+    drafter.start(prefill, state, root)
+    proposed = drafter.propose(root, tree, max_depth=10)
+    candidates = tree.top_k + (tree.depth - 1) * tree.top_k**2
+    assert len(proposed) == min(tree.total_tokens, 1 + candidates)
+    assert int(proposed.depths.max()) <= tree.depth
+    if 1 + candidates <= tree.total_tokens:  # nothing pruned: the tree reaches full depth
+        assert int(proposed.depths.max()) == tree.depth
+    children = proposed.children()
+    for node in range(len(proposed)):
+        if not children[node]:
+            continue
+        path_tokens = proposed.tokens[proposed.path_to(node)].tolist()
+        logprobs = sequential_logprobs(family, inputs, draft, path_tokens)
+        top = set(logprobs.topk(tree.top_k).indices.tolist())
+        assert set(children[node]) <= top, (node, path_tokens)

@@ -1,0 +1,121 @@
+"""Bad input gets an MSDError that names the value and the fix."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from msd.errors import MSDError
+from msd.images import load_image
+from msd.prompts import build_inputs, build_messages
+from msd.targets import adapter_for, load_target
+from tiny_models import random_image
+
+
+def test_missing_image(tmp_path):
+    with pytest.raises(MSDError, match="not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_image_path_is_directory(tmp_path):
+    with pytest.raises(MSDError, match="not a file"):
+        load_image(tmp_path)
+
+
+def test_unsupported_image(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is text, not an image")
+    with pytest.raises(MSDError, match="unsupported or unreadable"):
+        load_image(path)
+
+
+def test_truncated_image(tmp_path):
+    path = tmp_path / "photo.jpg"
+    random_image(64, 64).save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MSDError, match="corrupt image"):
+        load_image(path)
+
+
+def test_valid_image_loads_rgb(tmp_path):
+    path = tmp_path / "gray.png"
+    random_image(30, 20).convert("L").save(path)
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert image.size == (30, 20)
+
+
+def test_placeholder_count_mismatch():
+    with pytest.raises(MSDError, match="2 <image> placeholders but 1 images"):
+        build_messages("compare <image> and <image>", 1)
+
+
+def test_placeholders_interleave_images():
+    content = build_messages("first <image> then <image> done", 2)[0]["content"]
+    assert [item["type"] for item in content] == ["text", "image", "text", "image", "text"]
+
+
+def test_no_placeholders_put_images_first():
+    content = build_messages("describe", 2)[0]["content"]
+    assert [item["type"] for item in content] == ["image", "image", "text"]
+
+
+def test_processor_without_chat_template(llava_family):
+    processor = llava_family.processor
+    saved = processor.chat_template
+    processor.chat_template = None
+    try:
+        with pytest.raises(MSDError, match="--raw-prompt"):
+            build_inputs(processor, "hi", [])
+    finally:
+        processor.chat_template = saved
+
+
+def test_prompt_longer_than_context(llava_family):
+    inputs = llava_family.make_inputs("word " * 1100, [])
+    assert inputs["input_ids"].shape[1] > llava_family.target.max_positions
+    with pytest.raises(MSDError, match="context is 1024 tokens"):
+        llava_family.target.prefill(inputs)
+
+
+def test_image_tokens_without_images(llava_family):
+    inputs = llava_family.make_inputs("hi", [random_image(60, 60)])
+    del inputs["pixel_values"]
+    with pytest.raises(MSDError, match="no images were given"):
+        llava_family.target.prefill(inputs)
+
+
+def test_image_token_count_mismatch(qwen_family):
+    inputs = qwen_family.make_inputs("hi", [random_image(60, 60)])
+    ids = inputs["input_ids"].clone()
+    ids[0, (ids[0] == qwen_family.target.image_token_id).nonzero()[0]] = 0  # drop one image token
+    inputs["input_ids"] = ids
+    with pytest.raises(MSDError, match="image tokens but the images produce"):
+        qwen_family.target.prefill(inputs)
+
+
+def test_batch_rejected(llava_family):
+    inputs = llava_family.make_inputs("hi", [])
+    inputs = {name: torch.cat([value, value]) for name, value in inputs.items()}
+    with pytest.raises(MSDError, match="one prompt at a time"):
+        llava_family.target.prefill(inputs)
+
+
+def test_unknown_family_adapter():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(MSDError, match="unsupported target model family 'llama'"):
+        adapter_for(model)
+
+
+def test_unknown_family_folder(tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "llama")
+    with pytest.raises(MSDError, match="unsupported target model family 'llama'"):
+        load_target(tmp_path / "llama")
+
+
+def test_missing_target_folder(tmp_path):
+    with pytest.raises(MSDError, match="cannot load a model config"):
+        load_target(tmp_path / "missing")

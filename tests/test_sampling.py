@@ -1,0 +1,109 @@
+"""Speculative sampling follows the target's distribution (chi-square tests on the first two tokens).
+
+The second token is the first one that tree verification decides, so the test compares the joint distribution of
+(token 1, token 2) from speculative sampling with the exact one computed from the target's logits, and checks that
+the target's own `generate(do_sample=True)` fits the same exact distribution (so both use the same warpers).
+"""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from msd.decoding import SamplingParams, SpeculativeGenerator, TokenChooser, TreeParams
+from msd.targets import adapter_for
+from oracle import OracleDrafter
+from tiny_models import build_llava, llava_inputs
+
+SAMPLES = 700
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A one-layer tiny LLaVA whose LM head is scaled up, so its next-token distributions have a small support."""
+    model, processor = build_llava(seed=11, layers=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25.0)
+    inputs = llava_inputs(processor, "Hi", [])
+    return model, adapter_for(model), inputs
+
+
+def exact_joint(target, inputs, chooser) -> dict[tuple[int, int], float]:
+    """P(token 1, token 2) under the target with the chooser's warpers, over tokens with probability > 1e-6."""
+    prefill, _ = target.prefill(inputs)
+    first = chooser.probabilities(prefill.logits[None])[0]
+    joint = {}
+    for token in (first > 1e-6).nonzero().view(-1).tolist():
+        _, state = target.prefill(inputs)
+        logits, _ = target.forward_tree(state, torch.tensor([token]), torch.tensor([0]), torch.ones(1, 1, dtype=bool))
+        second = chooser.probabilities(logits)[0]
+        for next_token in (second > 1e-6).nonzero().view(-1).tolist():
+            joint[(token, next_token)] = float(first[token] * second[next_token])
+    return joint
+
+
+def goodness_of_fit(counts: dict, joint: dict, samples: int) -> float:
+    """Chi-square p-value; outcomes expected fewer than 5 times are pooled into one bin."""
+    observed, expected = [], []
+    rest_observed, rest_expected = 0.0, 0.0
+    for outcome, probability in joint.items():
+        if probability * samples >= 5:
+            observed.append(counts.get(outcome, 0))
+            expected.append(probability * samples)
+        else:
+            rest_observed += counts.get(outcome, 0)
+            rest_expected += probability * samples
+    rest_observed += sum(count for outcome, count in counts.items() if outcome not in joint)
+    rest_expected += max(samples - sum(expected) - rest_expected, 0.0)
+    if rest_expected > 0:
+        observed.append(rest_observed)
+        expected.append(rest_expected)
+    elif rest_observed > 0:
+        return 0.0  # outcomes the target can never produce were observed
+    scale = sum(observed) / sum(expected)
+    return chisquare(observed, [value * scale for value in expected]).pvalue
+
+
+CONFIGS = [
+    SamplingParams(do_sample=True, temperature=1.0),
+    SamplingParams(do_sample=True, temperature=0.7),
+    SamplingParams(do_sample=True, top_k=3),
+    SamplingParams(do_sample=True, top_p=0.8),
+]
+
+
+@pytest.mark.parametrize("params", CONFIGS, ids=["temperature_1", "temperature_0.7", "top_k_3", "top_p_0.8"])
+def test_speculative_sampling_matches_target(peaked, params):
+    model, target, inputs = peaked
+    joint = exact_joint(target, inputs, TokenChooser(params))
+    assert len(joint) > 3  # the test is meaningless on a (near) deterministic distribution
+
+    greedy = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=4, eos_token_ids=[]).token_ids
+    drafter = OracleDrafter(greedy, target.vocab_size, decoys=2)
+    generator = SpeculativeGenerator(target, drafter, TreeParams(depth=2, top_k=3, total_tokens=7))
+    rng = torch.Generator().manual_seed(2024)
+    counts: dict[tuple[int, int], int] = {}
+    accepted = 0
+    for _ in range(SAMPLES):
+        output = generator.generate(inputs, max_new_tokens=2, sampling=params, eos_token_ids=[], generator=rng)
+        outcome = tuple(output.token_ids)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        accepted += output.stats.accepted_lengths[0]
+    assert accepted > 0  # some second tokens came from accepted draft candidates, not only bonus tokens
+    assert goodness_of_fit(counts, joint, SAMPLES) > 1e-3
+
+
+def test_generate_sampling_fits_same_distribution(peaked):
+    # transformers' own sampler must fit the exact distribution used above (same warper semantics).
+    model, target, inputs = peaked
+    params = SamplingParams(do_sample=True, temperature=0.7, top_p=0.9)
+    joint = exact_joint(target, inputs, TokenChooser(params))
+    torch.manual_seed(99)
+    counts: dict[tuple[int, int], int] = {}
+    samples = 400
+    for _ in range(samples):
+        output = model.generate(
+            **inputs, max_new_tokens=2, min_new_tokens=2, do_sample=True, temperature=0.7, top_p=0.9, top_k=0
+        )
+        outcome = tuple(output[0, inputs["input_ids"].shape[1] :].tolist())
+        counts[outcome] = counts.get(outcome, 0) + 1
+    assert goodness_of_fit(counts, joint, samples) > 1e-3
