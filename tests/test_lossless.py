@@ -13,7 +13,8 @@ import torch
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftConfig, DraftModel
 from oracle import OracleDrafter
-from tiny_models import CORPUS, random_image
+from conftest import Family
+from tiny_models import CORPUS, TinyQwen2VL, random_image
 
 PROMPTS = {"short": "Hi", "long": " ".join(CORPUS * 3)}
 IMAGE_SETS = {
@@ -96,3 +97,36 @@ def test_plain_decoding_matches_generate(family, images):
     output = SpeculativeGenerator(family.target, None).generate(inputs, max_new_tokens=20)
     assert output.token_ids == family.reference(inputs, 20)
     assert output.stats.tau == 1.0
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_family():
+    tiny = TinyQwen2VL(seed=1, version="2.5")
+    return Family("qwen2_5_vl", tiny.model, tiny.inputs)
+
+
+@pytest.mark.parametrize("case", CASES[::6], ids=["-".join(map(str, case)) for case in CASES[::6]])
+def test_qwen2_5_vl_matches_generate(qwen2_5_family, case):
+    # Qwen2.5-VL goes through the Qwen2-VL adapter; a subset of the case table checks it end to end.
+    test_greedy_matches_generate(qwen2_5_family, case)
+
+
+def test_stop_string_matches_generate(llava_family, images):
+    # Generation ends on the token that completes a stop string, as transformers' generate(stop_strings=...) does.
+    tokenizer = llava_family.processor.tokenizer
+    inputs = llava_family.make_inputs("Describe", images[:1])
+    free_run = llava_family.reference(inputs, 30, eos_token_id=-1)
+    # A token that decodes to plain letters (byte-level pieces of multi-byte characters would not match as text).
+    stop = next(
+        piece for token in free_run[3:] if (piece := tokenizer.decode([token])).isascii() and piece.strip().isalpha()
+    )
+    expected = llava_family.model.generate(
+        **inputs, max_new_tokens=30, do_sample=False, stop_strings=[stop], tokenizer=tokenizer, eos_token_id=-1
+    )[0, inputs["input_ids"].shape[1] :].tolist()
+    assert len(expected) < 30
+    continuation = free_run + [0] * 10
+    drafter = OracleDrafter(continuation, llava_family.target.vocab_size, decoys=1)
+    generator = SpeculativeGenerator(llava_family.target, drafter, TreeParams(4, 2, 9), tokenizer=tokenizer)
+    output = generator.generate(inputs, max_new_tokens=30, stop_strings=[stop], eos_token_ids=[])
+    assert output.token_ids == expected
+    assert output.stats.stop_reason == "stop_string"

@@ -20,6 +20,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -119,7 +121,8 @@ def llava_inputs(processor, text: str, images: list[Image.Image]):
 
 
 class TinyQwen2VL:
-    """A tiny Qwen2-VL model with a tokenizer and image processor, and the input assembly of its processor."""
+    """A tiny Qwen2-VL (or, with version="2.5", Qwen2.5-VL) model with a tokenizer and image processor, and the
+    input assembly of its processor."""
 
     SPECIALS = [
         "<|endoftext|>",
@@ -131,12 +134,33 @@ class TinyQwen2VL:
         "<|video_pad|>",
     ]
 
-    def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 2, max_pixels: int = 112 * 112):
+    def __init__(
+        self,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+        layers: int = 2,
+        max_pixels: int = 112 * 112,
+        version: str = "2",
+    ):
         self.tokenizer = make_tokenizer(self.SPECIALS)
         self.tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
         ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in self.SPECIALS}
         torch.manual_seed(seed)
-        config = Qwen2VLConfig(
+        if version == "2":
+            config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+            vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
+        else:
+            config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+            vision = dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=4,
+                out_hidden_size=64,
+                window_size=56,
+                fullatt_block_indexes=[1],
+            )
+        config = config_class(
             text_config=dict(
                 vocab_size=len(self.tokenizer),
                 hidden_size=64,
@@ -150,11 +174,7 @@ class TinyQwen2VL:
                 bos_token_id=ids["<|im_start|>"],
             ),
             vision_config=dict(
-                depth=2,
-                embed_dim=32,
-                hidden_size=64,
-                num_heads=4,
-                mlp_ratio=2,
+                **vision,
                 patch_size=IMAGE_PATCH,
                 spatial_merge_size=2,
                 temporal_patch_size=2,
@@ -165,7 +185,7 @@ class TinyQwen2VL:
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
         )
-        self.model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
+        self.model = model_class(config).to(dtype).eval()
         self.model.generation_config.eos_token_id = ids["<|im_end|>"]
         self.model.generation_config.pad_token_id = ids["<|endoftext|>"]
         self.image_processor = Qwen2VLImageProcessorPil(
