@@ -15,6 +15,7 @@ from msd.errors import MSDError
 
 SUBCOMMAND_MODULES = [
     "msd.cli.generate",
+    "msd.cli.prepare_data",
 ]
 
 

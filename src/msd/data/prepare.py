@@ -1,0 +1,276 @@
+"""Target features for draft training: run the target over each conversation, with its images, and store a record.
+
+Per sample the record contains (T tokens, H hidden size, N visual tokens, P position rows):
+
+    input_ids      int32 (T,)       chat-templated token ids, each image expanded to its visual tokens
+    hidden_states  16-bit (T, H)    the target's last-layer hidden states after the final norm
+    visual_embeds  16-bit (N, H)    the projected visual embeddings the language model received, visual rows only
+    visual_mask    uint8 (T,)       1 at visual positions
+    loss_mask      uint8 (T,)       1 on assistant-turn tokens
+    position_ids   int32 (P, T)     stored only when P > 1 (Qwen2-VL's M-RoPE); 1-D positions are arange(T)
+
+The target runs through `TargetAdapter.prefill`, the same call decoding uses, so Qwen2-VL features are computed with
+the image and its 3-D positions. The layout on disk and resuming are described in `msd.data.storage`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from msd.data.conversations import Conversation, ConversationEncoder, RowError, SkipReason, load_images, parse_row
+from msd.data.rows import Part
+from msd.data.storage import PartWriter, check_card, folder_bytes, update_card
+from msd.errors import MSDError
+from msd.targets.base import TargetAdapter
+
+logger = logging.getLogger(__name__)
+
+#: dataset kinds; a text set is the first training stage, a vision set the multimodal stage
+KINDS = ("text", "vision")
+#: names of the research pipeline's feature sets -> dataset kind
+KIND_ALIASES = {"llava_v15_t": "text", "llava_v15_v": "vision", "qwen2_vl_t": "text", "qwen2_vl_v": "vision"}
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: rows tokenised before the run to project its disk size
+SIZE_PROBE_ROWS = 16
+
+
+def resolve_kind(name: str) -> str:
+    if name in KINDS:
+        return name
+    if name in KIND_ALIASES:
+        return KIND_ALIASES[name]
+    raise MSDError(f"unknown dataset kind {name!r}; use one of {', '.join(KINDS + tuple(KIND_ALIASES))}.")
+
+
+@dataclass
+class PrepareSettings:
+    """Settings of one `prepare_features` run: the output, the rows to read and how to record them."""
+
+    output: Path
+    kind: str  # "text", "vision" or a research alias
+    max_length: int = 2048  # tokens per sample, visual tokens included
+    store_dtype: str = "bfloat16"
+    image_root: Path | None = None
+    system_prompt: str | None = None
+    start: int = 0
+    limit: int | None = None
+    part: Part = Part()
+    shard_size: int = 128  # samples per safetensors file
+    regenerate: bool = False
+    regenerate_max_tokens: int = 512
+    logged_skips: int = 5  # skipped rows whose reason is logged one by one
+
+    def card_settings(self, target: TargetAdapter, source: str) -> dict:
+        """The settings every part and every resume must share, as stored in the dataset card."""
+        return {
+            "kind": resolve_kind(self.kind),
+            "kind_name": self.kind,
+            "source": source,
+            "target_model_type": target.config.model_type,
+            "hidden_size": target.hidden_size,
+            "vocab_size": target.vocab_size,
+            "position_rows": target.position_rows,
+            "image_token_id": target.image_token_id,
+            "chat_template": getattr(target.processor, "chat_template", None),
+            "system_prompt": self.system_prompt,
+            "dtype": self.store_dtype,
+            "max_length": self.max_length,
+            "start": self.start,
+            "limit": self.limit,
+            "part_count": self.part.count,
+            "regenerate": self.regenerate,
+            "regenerate_max_tokens": self.regenerate_max_tokens if self.regenerate else None,
+        }
+
+
+@dataclass
+class PrepareSummary:
+    stored: int
+    skipped: dict[str, int]
+    size_bytes: int
+    projected_bytes: int | None
+
+
+def build_record(prefill, loss_mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Build the stored tensors of one sample (see the module docstring) from the target's prefill."""
+    visual_mask = prefill.visual_mask.cpu()  # (T,)
+    record = {
+        "input_ids": prefill.input_ids.to(torch.int32),
+        "hidden_states": prefill.hidden_states.to(dtype),  # (T, H)
+        "visual_embeds": prefill.inputs_embeds[prefill.visual_mask].to(dtype),  # (N, H)
+        "visual_mask": visual_mask.to(torch.uint8),
+        "loss_mask": loss_mask.to(torch.uint8),
+    }
+    if prefill.positions.shape[0] > 1:
+        record["position_ids"] = prefill.positions.to(torch.int32)  # (P, T)
+    return record
+
+
+def sample_bytes(tokens: float, visual_tokens: float, hidden_size: int, position_rows: int, dtype_bytes: int) -> float:
+    """Bytes one sample takes in a shard, tensor data only."""
+    position_bytes = 4 * position_rows * tokens if position_rows > 1 else 0
+    return (tokens + visual_tokens) * hidden_size * dtype_bytes + tokens * (4 + 1 + 1) + position_bytes
+
+
+class FeaturePreparer:
+    """Turns rows into stored target features for one part of a row source."""
+
+    def __init__(self, target: TargetAdapter, settings: PrepareSettings):
+        if settings.store_dtype not in STORE_DTYPES:
+            raise MSDError(f"invalid store dtype {settings.store_dtype!r}; use {' or '.join(STORE_DTYPES)}.")
+        if settings.max_length >= target.max_positions:
+            raise MSDError(
+                f"--max-length {settings.max_length} must be below the target's context of {target.max_positions} "
+                "tokens."
+            )
+        if settings.regenerate_max_tokens < 1:
+            raise MSDError(f"--regenerate-max-tokens must be at least 1, got {settings.regenerate_max_tokens}.")
+        self.target = target
+        self.settings = settings
+        self.kind = resolve_kind(settings.kind)
+        self.dtype = STORE_DTYPES[settings.store_dtype]
+        self.encoder = ConversationEncoder(target.processor, target.image_token_id, settings.max_length)
+        self.generator = None
+        if settings.regenerate:
+            from msd.decoding import SpeculativeGenerator
+
+            self.generator = SpeculativeGenerator(target, None)
+
+    def run(self, rows: Sequence, source: str = "") -> PrepareSummary:
+        """Process this part's rows, resuming where an earlier run of the same part stopped."""
+        settings = self.settings
+        settings.output.mkdir(parents=True, exist_ok=True)
+        check_card(settings.output, settings.card_settings(self.target, source))
+        selected = settings.part.rows(len(rows), settings.start, settings.limit)
+        writer = PartWriter(settings.output, settings.part.name, selected.start, settings.shard_size)
+        remaining = selected[_rows_done(selected, writer.state.next_row) :]
+
+        projected = self.project_bytes(rows, remaining)
+        if projected is not None:
+            logger.info("projected size of %d rows: %s (estimate from %d rows)", len(remaining),
+                        _format_bytes(projected), min(SIZE_PROBE_ROWS, len(remaining)))
+        logged = Counter()
+        with logging_redirect_tqdm(), tqdm(remaining, desc=settings.part.name, unit="sample") as progress:
+            for index in progress:
+                try:
+                    key, record, entry = self.process_row(rows, index)
+                except RowError as error:
+                    writer.skip(error.reason)
+                    logged[error.reason] += 1
+                    if logged[error.reason] <= settings.logged_skips:
+                        logger.warning("skipping row %d (%s): %s", index, error.reason, error.detail)
+                else:
+                    writer.add(key, record, entry)
+                if writer.full:
+                    writer.commit(next_row=index + 1)
+                progress.set_postfix(stored=writer.state.stored + len(writer.entries), skipped=logged.total())
+        writer.commit(next_row=selected.stop, finished=True)
+        card = update_card(settings.output)
+        return PrepareSummary(
+            stored=writer.state.stored,
+            skipped=dict(writer.state.skipped),
+            size_bytes=card["size_bytes"],
+            projected_bytes=projected,
+        )
+
+    def process_row(self, rows: Sequence, index: int) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """Read, render, run and record one row; raises RowError when the row is skipped."""
+        conversation = parse_row(rows[index], index, self.settings.system_prompt)
+        if conversation.images and self.kind == "text":
+            raise RowError(SkipReason.IMAGE_IN_TEXT_SET, "the row has images but the dataset kind is text")
+        images = load_images(conversation, self.settings.image_root)
+        if self.generator is not None:
+            conversation = self.regenerate_answers(conversation, images)
+        sample = self.encoder.encode(conversation, images)
+        # NOTE: one sample per target forward, because TargetAdapter.prefill takes batch 1; rows are not batched yet.
+        try:
+            prefill, _ = self.target.prefill(sample.inputs)
+        except MSDError as error:
+            raise RowError(SkipReason.PROCESSOR_REJECTED, str(error)) from None
+
+        key = f"r{index:09d}"
+        record = build_record(prefill, sample.loss_mask, self.dtype)
+        entry = {
+            "key": key,
+            "id": conversation.sample_id,
+            "row": index,
+            "kind": self.kind,
+            "length": int(record["input_ids"].shape[0]),
+            "visual_tokens": int(record["visual_embeds"].shape[0]),
+            "loss_tokens": int(sample.loss_mask.sum()),
+            "images": sample.images,
+        }
+        return key, record, entry
+
+    def regenerate_answers(self, conversation: Conversation, images: Sequence) -> Conversation:
+        """Replace each assistant turn with the target's greedy answer to the turns before it."""
+        messages = [dict(message) for message in conversation.messages]
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            inputs = self.encoder.prompt_inputs(messages[:index], images)
+            length = inputs["input_ids"].shape[1]
+            budget = min(self.settings.regenerate_max_tokens, self.settings.max_length - length)
+            if budget < 1:
+                raise RowError(SkipReason.TOO_LONG, f"the prompt before turn {index} fills --max-length")
+            output = self.generator.generate(inputs, max_new_tokens=budget)
+            messages[index] = {"role": "assistant", "content": [{"type": "text", "text": output.text.strip()}]}
+        return Conversation(conversation.sample_id, messages, conversation.images)
+
+    def project_bytes(self, rows: Sequence, indices: Sequence[int]) -> int | None:
+        """Disk size projected from the token counts of the first rows, tokenised without running the target."""
+        tokens, visual = [], []
+        for index in indices[:SIZE_PROBE_ROWS]:
+            try:
+                conversation = parse_row(rows[index], index, self.settings.system_prompt)
+                sample = self.encoder.encode(conversation, load_images(conversation, self.settings.image_root))
+            except RowError:
+                continue
+            input_ids = sample.inputs["input_ids"][0]
+            tokens.append(input_ids.shape[0])
+            visual.append(int((input_ids == self.target.image_token_id).sum()))
+        if not tokens:
+            return None
+        per_sample = sample_bytes(
+            sum(tokens) / len(tokens),
+            sum(visual) / len(visual),
+            self.target.hidden_size,
+            self.target.position_rows,
+            self.dtype.itemsize,
+        )
+        return int(per_sample * len(indices))
+
+
+def _rows_done(selected: range, next_row: int) -> int:
+    """Count the selected rows that come before `next_row`."""
+    if next_row <= selected.start:
+        return 0
+    return min(len(selected), -(-(next_row - selected.start) // selected.step))
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def prepare_features(target: TargetAdapter, rows: Sequence, settings: PrepareSettings, source: str = "") -> PrepareSummary:
+    """Store target features for `settings.part` of `rows` in `settings.output` and return the run's summary."""
+    summary = FeaturePreparer(target, settings).run(rows, source)
+    logger.info(
+        "stored %d samples; skipped %s; folder size %s",
+        summary.stored,
+        ", ".join(f"{reason}: {count}" for reason, count in sorted(summary.skipped.items())) or "none",
+        _format_bytes(folder_bytes(settings.output)),
+    )
+    return summary

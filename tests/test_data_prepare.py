@@ -1,0 +1,202 @@
+"""`prepare_features`: stored records equal a direct target forward with the images; bad rows are counted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from data_helpers import TinyQwen2VLProcessor, chat, write_images, write_jsonl
+from safetensors.torch import load_file
+from tiny_models import TinyQwen2VL, build_llava
+
+from msd.data.conversations import ConversationEncoder, SkipReason, load_images, parse_row
+from msd.data.dataset import FeatureDataset
+from msd.data.prepare import PrepareSettings, prepare_features, sample_bytes
+from msd.data.rows import open_rows
+from msd.errors import MSDError
+from msd.targets import adapter_for
+
+
+@pytest.fixture(scope="module")
+def llava_target():
+    model, processor = build_llava(seed=0)
+    return adapter_for(model, processor)
+
+
+@pytest.fixture(scope="module")
+def qwen_target():
+    tiny = TinyQwen2VL(seed=0)
+    return adapter_for(tiny.model, TinyQwen2VLProcessor(tiny))
+
+
+@pytest.fixture()
+def image_root(tmp_path):
+    root = tmp_path / "images"
+    write_images(root, {"a.png": (60, 50), "b.png": (90, 60), "c.png": (56, 56)})
+    return root
+
+
+ROWS = [
+    chat("<image>\nWhat is in this image?", "A cat sits on a red mat.", image="a.png", row_id="one"),
+    chat("What are numbers?", "Numbers 0 1 2 make words.", "And letters?", "Letters make sentences.", row_id="two"),
+    chat("Compare <image> with <image>.", "The quick brown fox.", image=["b.png", "c.png"], row_id="three"),
+]
+
+
+def stored_samples(folder) -> list[dict]:
+    manifest = [json.loads(line) for line in (folder / "part-00000-of-00001.manifest.jsonl").read_text().splitlines()]
+    samples = []
+    for entry in manifest:
+        tensors = load_file(folder / entry["shard"])
+        samples.append({name.split("/")[1]: t for name, t in tensors.items() if name.startswith(entry["key"] + "/")})
+    return samples
+
+
+def check_against_direct_forward(target, rows, folder, image_root):
+    """Compare every stored sample with the HF model's own forward over the same inputs, images included."""
+    encoder = ConversationEncoder(target.processor, target.image_token_id, 1000)
+    for index, (row, stored) in enumerate(zip(rows, stored_samples(folder))):
+        conversation = parse_row(row, index)
+        images = load_images(conversation, image_root)
+        sample = encoder.encode(conversation, images)
+        inputs = sample.inputs
+        with torch.no_grad():
+            direct = target.model.model(**inputs).last_hidden_state[0]  # (T, H), after the final norm
+        input_ids = inputs["input_ids"][0]
+        visual = input_ids == target.image_token_id
+
+        assert torch.equal(stored["input_ids"], input_ids.to(torch.int32))
+        assert stored["hidden_states"].dtype == torch.float16
+        torch.testing.assert_close(stored["hidden_states"].double(), direct, rtol=2e-3, atol=2e-3)
+        assert torch.equal(stored["visual_mask"].bool(), visual)
+        assert torch.equal(stored["loss_mask"].bool(), sample.loss_mask)
+        assert stored["visual_embeds"].shape == (int(visual.sum()), target.hidden_size)
+        if images:
+            with torch.no_grad():
+                embeds = target.model.model.get_input_embeddings()(inputs["input_ids"])
+                features = target.embed_inputs(inputs)[0][0]
+            torch.testing.assert_close(stored["visual_embeds"].double(), features[visual], rtol=2e-3, atol=2e-3)
+            assert not torch.allclose(features[visual], embeds[0][visual])
+        yield stored, inputs, direct
+
+
+def test_llava_records_match_direct_forward(llava_target, image_root, tmp_path):
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="llava_v15_v", store_dtype="float16", image_root=image_root)
+    summary = prepare_features(llava_target, ROWS, settings)
+    assert summary.stored == 3 and summary.skipped == {}
+    for stored, _, _ in check_against_direct_forward(llava_target, ROWS, settings.output, image_root):
+        assert "position_ids" not in stored  # 1-D positions are rebuilt as arange(T)
+    assert stored_samples(settings.output)[2]["visual_mask"].sum() == 2 * llava_target.config.image_seq_length
+
+
+def test_qwen2_vl_records_use_the_image(qwen_target, image_root, tmp_path):
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="qwen2_vl_v", store_dtype="float16", image_root=image_root)
+    summary = prepare_features(qwen_target, ROWS, settings)
+    assert summary.stored == 3
+    for stored, inputs, direct in check_against_direct_forward(qwen_target, ROWS, settings.output, image_root):
+        positions, _ = qwen_target.prompt_positions(inputs)
+        assert torch.equal(stored["position_ids"], positions.to(torch.int32))
+        if "pixel_values" in inputs:
+            assert positions[1:].ne(positions[0]).any()  # image tokens carry 2-D grid positions
+            text_only = {"input_ids": inputs["input_ids"].where(inputs["input_ids"] != qwen_target.image_token_id, 0)}
+            with torch.no_grad():
+                blind = qwen_target.model.model(**text_only).last_hidden_state[0]
+            # features computed without the image (the research code's bug) differ from the stored ones
+            assert not torch.allclose(stored["hidden_states"].double(), blind, rtol=2e-3, atol=2e-3)
+
+
+def test_card_and_dataset(qwen_target, image_root, tmp_path):
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="qwen2_vl_v", image_root=image_root, shard_size=2)
+    prepare_features(qwen_target, ROWS, settings, source="rows.jsonl")
+    card = json.loads((settings.output / "dataset_card.json").read_text())
+    assert card["settings"]["target_model_type"] == "qwen2_vl"
+    assert card["settings"]["hidden_size"] == qwen_target.hidden_size
+    assert card["settings"]["vocab_size"] == qwen_target.vocab_size
+    assert card["settings"]["kind"] == "vision" and card["settings"]["kind_name"] == "qwen2_vl_v"
+    assert card["settings"]["dtype"] == "bfloat16"
+    assert card["counts"]["samples"] == 3 and card["counts"]["shards"] == 2
+    assert card["size_bytes"] > 0
+
+    dataset = FeatureDataset(settings.output)
+    assert len(dataset) == 3
+    assert [entry["id"] for entry in dataset.entries] == ["one", "two", "three"]
+    assert dataset[0]["hidden_states"].dtype == torch.bfloat16
+    assert dataset[0]["position_ids"].shape == (3, dataset.lengths[0])
+
+
+def test_bad_rows_skipped_and_counted(llava_target, image_root, tmp_path):
+    (image_root / "broken.png").write_bytes(b"\x89PNG but not really")
+    rows_path = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            ROWS[0],
+            chat("Q", "A", image="nowhere.png"),
+            chat("Q", "A", image="broken.png"),
+            chat("Describe. " * 300, "Too long."),
+            chat("Only a question"),
+            '{"id": "cut", "conversations": [',
+            ROWS[1],
+        ],
+    )
+    settings = PrepareSettings(output=tmp_path / "out", kind="vision", image_root=image_root, max_length=300)
+    summary = prepare_features(llava_target, open_rows(rows_path), settings)
+    assert summary.stored == 2
+    assert summary.skipped == {
+        SkipReason.MISSING_IMAGE: 1,
+        SkipReason.UNREADABLE_IMAGE: 1,
+        SkipReason.TOO_LONG: 1,
+        SkipReason.NO_ASSISTANT_TURN: 1,
+        SkipReason.MALFORMED_JSON: 1,
+    }
+    card = json.loads((settings.output / "dataset_card.json").read_text())
+    assert card["counts"]["skipped"][SkipReason.MALFORMED_JSON] == 1
+
+
+def test_text_kind_skips_image_rows(llava_target, image_root, tmp_path):
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="llava_v15_t", image_root=image_root)
+    summary = prepare_features(llava_target, ROWS, settings)
+    assert summary.stored == 1
+    assert summary.skipped == {SkipReason.IMAGE_IN_TEXT_SET: 2}
+
+
+def test_changed_settings_rejected(llava_target, image_root, tmp_path):
+    prepare_features(llava_target, ROWS[1:2], PrepareSettings(max_length=1000, output=tmp_path / "out", kind="text"))
+    with pytest.raises(MSDError, match="max_length"):
+        prepare_features(llava_target, ROWS[1:2], PrepareSettings(output=tmp_path / "out", kind="text", max_length=99))
+
+
+def test_rejects_bad_settings(llava_target, tmp_path):
+    with pytest.raises(MSDError, match="kind"):
+        prepare_features(llava_target, ROWS, PrepareSettings(max_length=1000, output=tmp_path / "a", kind="images"))
+    with pytest.raises(MSDError, match="max-length"):
+        prepare_features(llava_target, ROWS, PrepareSettings(output=tmp_path / "b", kind="text", max_length=5000))
+
+
+def test_projected_size_matches_real_size(llava_target, image_root, tmp_path):
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="vision", image_root=image_root)
+    summary = prepare_features(llava_target, ROWS, settings)
+    data_bytes = sum(t.numel() * t.element_size() for sample in stored_samples(settings.output) for t in sample.values())
+    assert summary.projected_bytes == pytest.approx(data_bytes, rel=0.01)
+    assert summary.size_bytes > data_bytes
+    assert sample_bytes(10, 4, 64, 3, 2) == 14 * 64 * 2 + 10 * 6 + 120
+
+
+def test_regenerate_uses_target_answers(llava_target, tmp_path):
+    rows = [chat("What are numbers?", "Numbers 0 1 2 make words.", row_id="r")]
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="text", regenerate=True, regenerate_max_tokens=5)
+    assert prepare_features(llava_target, rows, settings).stored == 1
+
+    processor = llava_target.processor
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "What are numbers?"}]}], add_generation_prompt=True
+    )
+    inputs = processor(text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        generated = llava_target.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    answer = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    stored = stored_samples(settings.output)[0]
+    answer_text = processor.tokenizer.decode(stored["input_ids"][stored["loss_mask"].bool()].tolist())
+    assert answer_text == f" {answer.strip()}</s>"
+    assert "Numbers 0 1 2 make words." not in processor.tokenizer.decode(stored["input_ids"].tolist())
