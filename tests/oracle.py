@@ -1,4 +1,4 @@
-"""A test drafter that knows the target's greedy continuation in advance."""
+"""A test drafter that is given the target's greedy continuation in advance."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_generate_compare_from_shell(saved):
     report = json.loads(stats.read_text())
     assert report["identical"] is True
     assert report["msd"]["new_tokens"] == report["plain"]["new_tokens"] == 12
-    assert result.stdout.strip()  # the streamed answer
+    assert result.stdout.strip()  # the streamed output text
 
 
 def test_generate_sampling(saved, capsys):

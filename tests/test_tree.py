@@ -18,7 +18,7 @@ def test_tree_depths():
 
 def test_ancestor_mask_rows():
     mask = example_tree().ancestor_mask()
-    # Each row holds the node itself and its ancestors, nothing else.
+    # Each row contains the node itself and its ancestors, nothing else.
     assert mask[0].nonzero().view(-1).tolist() == [0]
     assert mask[3].nonzero().view(-1).tolist() == [0, 1, 3]
     assert mask[4].nonzero().view(-1).tolist() == [0, 2, 4]

@@ -8,12 +8,12 @@ from PIL import Image
 
 from msd.errors import MSDError
 
-#: How users mark where an image goes in a prompt; without markers all images go before the text.
+#: Marker for an image's place in a user prompt. Without markers all images go before the text.
 IMAGE_PLACEHOLDER = "<image>"
 
 
 def build_messages(prompt: str, image_count: int) -> list[dict]:
-    """One user message in the chat-template content format, images placed at `<image>` markers."""
+    """Build one user message in the chat-template content format, with images at the `<image>` markers."""
     markers = prompt.count(IMAGE_PLACEHOLDER)
     if markers and markers != image_count:
         raise MSDError(
@@ -37,8 +37,8 @@ def build_messages(prompt: str, image_count: int) -> list[dict]:
 def build_inputs(processor, prompt: str, images: Sequence[Image.Image], raw_prompt: bool = False):
     """Processor inputs (batch 1, PyTorch tensors) for a prompt and its images.
 
-    With raw_prompt the text goes to the processor unchanged and must already contain the model's own image token
-    once per image; otherwise the processor's chat template wraps it as one user turn with a generation prompt.
+    With raw_prompt the text goes to the processor unchanged, so it must already contain the model's own image token
+    once per image. Otherwise the processor's chat template wraps it as one user turn with a generation prompt.
     """
     if raw_prompt:
         text = prompt

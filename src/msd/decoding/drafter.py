@@ -31,7 +31,7 @@ class Drafter(ABC):
 
     @abstractmethod
     def propose(self, root_token: int, params: TreeParams, max_depth: int) -> DraftTree:
-        """A tree rooted at `root_token` (the last emitted token), at most `max_depth` deep."""
+        """Draft a tree rooted at `root_token` (the last emitted token), at most `max_depth` deep."""
 
     def update(self, new_tokens: torch.Tensor, accepted_hidden: torch.Tensor) -> None:
         """Take the cycle's outcome: new_tokens (k + 1,) accepted then bonus; accepted_hidden (k + 1, H)."""

@@ -56,7 +56,7 @@ class DraftTree:
 
     @classmethod
     def chain(cls, tokens: list[int] | torch.Tensor) -> DraftTree:
-        """A tree with one path: tokens[0] is the root and each later token the child of the one before."""
+        """Build a tree with one path: tokens[0] is the root and each later token the child of the one before."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         return cls(tokens=tokens, parents=torch.arange(-1, tokens.shape[0] - 1))
 

@@ -13,12 +13,13 @@ child, the walk moves to that child and x is accepted. Otherwise x is the bonus 
 
 Why this is exact: every emitted token is drawn from the target's own distribution given exactly the tokens before
 it, because a node's logits come from a forward over the prompt and that node's ancestors. The tree only decides how
-many of those draws one forward can serve. It is equivalent to multi-candidate rejection sampling with candidates
-chosen deterministically (the draft's top-k): trying children c1, c2, ... in order, accepting
-ci with probability p(ci) under p renormalised after removing the rejected ones, and finally sampling from what is
-left, emits each token t with probability p(t), which is what drawing x from p and matching it against the children
-does in one step. No draft probability enters the rule, so a draft that samples its candidates would need the
-general rule instead.
+many of those draws one forward can serve.
+
+The rule is equivalent to multi-candidate rejection sampling with candidates chosen deterministically (the draft's
+top-k). That scheme tries children c1, c2, ... in order and accepts ci with probability p(ci), where p is
+renormalised after removing the rejected children; if all are rejected it samples from what is left. It emits each
+token t with probability p(t), which is what drawing x from p and matching it against the children does in one step.
+No draft probability enters the rule, so a draft that samples its candidates would need the general rule instead.
 
 Temperature, top-k and top-p only change p. They are applied with transformers' own logits warpers in the order its
 `generate` uses (temperature, then top-k, then top-p), so "the target's distribution" means the same thing here as
@@ -42,7 +43,7 @@ from msd.decoding.tree import DraftTree
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the target's next token is chosen. `do_sample=False` is greedy decoding (argmax)."""
+    """Token-choice settings of the target. `do_sample=False` is greedy decoding (argmax)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -75,12 +76,12 @@ class TokenChooser:
         self.warpers = warpers
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The target's distribution p for each row of logits (n, V), after the warpers."""
+        """Compute the target's distribution p for each row of logits (n, V), after the warpers."""
         warped = self.warpers(None, logits.float())
         return torch.softmax(warped, dim=-1)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row of logits (n, V) -> (n,)."""
+        """Choose one token per row of logits: (n, V) -> (n,)."""
         if not self.params.do_sample:
             return logits.argmax(dim=-1)
         probs = self.probabilities(logits)

@@ -37,7 +37,7 @@ class DraftConfig:
 
     @classmethod
     def for_target(cls, target, **options) -> DraftConfig:
-        """A config whose decoder layer matches the target's language model (`target` is a TargetAdapter)."""
+        """Build a config whose decoder layer matches the target's language model (`target` is a TargetAdapter)."""
         return cls(target_model_type=target.config.model_type, text_config=target.text_config.to_dict(), **options)
 
     @property
@@ -53,7 +53,7 @@ class DraftConfig:
         return self.text_config["model_type"]
 
     def build_text_config(self) -> PretrainedConfig:
-        """The transformers config object the decoder layer and its rotary embedding are built from."""
+        """Build the transformers config object for the decoder layer and its rotary embedding."""
         options = {key: value for key, value in self.text_config.items() if key != "model_type"}
         config = AutoConfig.for_model(self.layer_family, **options)
         config._attn_implementation = "sdpa"

@@ -7,7 +7,7 @@ x_{j+1}. Draft slot j pairs h_j with the next token x_{j+1} and predicts h_{j+1}
     visual slot (x_{j+1} is visual): input_j = v_{j+1}                          the target's projected visual embedding
 
 A visual token comes from a bidirectional vision encoder, so pairing it with the feature before it carries no
-left-to-right signal; its own embedding is passed straight through instead. Slot j takes the position id of x_{j+1},
+left-to-right signal. Its own embedding is passed straight through instead. Slot j takes the position id of x_{j+1},
 the token it embeds, so a visual slot keeps its image-grid position under Qwen2-VL's multimodal rotary scheme. With
 1-D rotary positions this is the research code's numbering shifted by one, which rotary attention does not see.
 
@@ -122,10 +122,12 @@ class DraftModel(nn.Module):
     ) -> torch.Tensor:
         """Predict the target's next features.
 
-        token_ids: (B, T) the next token of each slot; features: (B, T, H) the target's (or the draft's own) feature
-        at each slot; position_ids: (P, B, T) with P the family's position rows; attention_mask: additive
-        (B, 1, T, cached + T), or None for causal attention over the slots alone; visual_embeds: (B, T, H) and
-        visual_mask: (B, T) bool for visual slots. Returns (B, T, H).
+        token_ids: (B, T) the next token of each slot.
+        features: (B, T, H) the target's (or the draft's own) feature at each slot.
+        position_ids: (P, B, T) with P the family's position rows.
+        attention_mask: additive (B, 1, T, cached + T), or None for causal attention over the slots alone.
+        visual_embeds: (B, T, H) and visual_mask: (B, T) bool, for visual slots.
+        Returns the predicted features (B, T, H).
         """
         hidden = self.fc(torch.cat([self.embed(token_ids), features.to(self.fc.weight.dtype)], dim=-1))
         if self.config.decouple_visual and visual_mask is not None and bool(visual_mask.any()):
@@ -186,7 +188,7 @@ class DraftModel(nn.Module):
 
 
 def causal_mask(length: int, dtype: torch.dtype, device: torch.device, cached: int = 0) -> torch.Tensor:
-    """Additive (length, cached + length) mask: each new slot sees the cache and the slots up to itself."""
+    """Build an additive (length, cached + length) mask: each new slot attends to the cache and the slots up to itself."""
     allowed = torch.ones(length, cached + length, dtype=torch.bool, device=device)
     allowed[:, cached:] = torch.tril(allowed[:, cached:])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)

@@ -10,7 +10,7 @@ An adapter drives a target model through the three calls speculative decoding ne
 - `keep_accepted`: drop the cache entries of the tree nodes that were not accepted.
 
 Family specifics (how images are embedded, how positions are numbered) live in the subclasses. The language model is
-called directly with `inputs_embeds`, so the adapter sees the merged embeddings without running the vision tower twice.
+called directly with `inputs_embeds`, so the adapter gets the merged embeddings without running the vision tower twice.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from msd.errors import MSDError
 
 @dataclass
 class PrefillOutput:
-    """What the target computed over the prompt. L is the prompt length, H the hidden size, P the position rows."""
+    """Target outputs over the prompt. L is the prompt length, H the hidden size, P the number of position rows."""
 
     input_ids: torch.Tensor  # (L,) prompt token ids
     hidden_states: torch.Tensor  # (L, H) last-layer hidden states after the final norm
@@ -106,7 +106,7 @@ class TargetAdapter(ABC):
 
     @property
     def max_positions(self) -> int:
-        """Longest sequence the language model's position scheme was built for."""
+        """Maximum sequence length of the language model (its `max_position_embeddings`)."""
         return self.text_config.max_position_embeddings
 
     @property
@@ -188,7 +188,7 @@ class TargetAdapter(ABC):
         depths: torch.Tensor,
         ancestor_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score a tree of n candidate tokens in one forward; the cache grows by n entries.
+        """Score a tree of n candidate tokens in one forward. The cache grows by n entries.
 
         tokens: (n,) token ids; depths: (n,) depth below the tree root (the root is 0);
         ancestor_mask: (n, n) bool, [i, j] True when node j is node i or one of its ancestors.

@@ -1,7 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL targets, with their 3-D multimodal rotary positions (M-RoPE).
 
 Qwen2-VL numbers each position with three ids (temporal, height, width). Text tokens carry the same id in all three
-rows; image tokens carry their grid coordinates, and text after an image continues from the largest id used so far.
+rows. Image tokens carry their grid coordinates, and text after an image continues from the maximum id used so far.
 After the prompt, the position of cache index i is `i + rope_delta`, where the model's `get_rope_index` returns
 rope_delta (0 for text-only prompts, negative after images, since an image spans fewer ids than tokens).
 """
