@@ -55,14 +55,41 @@ def make_tokenizer(special_tokens: list[str], vocab_size: int = 320) -> PreTrain
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
 
 
+def make_word_tokenizer(special_tokens: list[str], words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words`: decoding and re-encoding generated text gives back the same ids.
+
+    A byte-level tokenizer does not round-trip a random model's output (it emits partial UTF-8 sequences), which
+    matters for tests that regenerate answers as text and tokenize them again.
+    """
+    vocab = {token: index for index, token in enumerate(special_tokens + sorted(set(words) - set(special_tokens)))}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=special_tokens[0]))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    backend.add_special_tokens(special_tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
-def build_llava(seed: int = 0, dtype: torch.dtype = torch.float64, image_size: int = 56, layers: int = 2):
-    """A tiny LLaVA-1.5-shaped model and its processor. Each image becomes (image_size / 14)^2 visual tokens."""
-    tokenizer = make_tokenizer(["<unk>", "<s>", "</s>", "<image>"])
+def build_llava(
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    image_size: int = 56,
+    layers: int = 2,
+    words: list[str] | None = None,
+):
+    """A tiny LLaVA-1.5-shaped model and its processor. Each image becomes (image_size / 14)^2 visual tokens.
+
+    With `words`, the tokenizer is word-level over those words plus the template's; otherwise byte-level BPE.
+    """
+    specials = ["<unk>", "<s>", "</s>", "<image>"]
+    if words is None:
+        tokenizer = make_tokenizer(specials)
+    else:
+        tokenizer = make_word_tokenizer(specials, words + ["USER:", "ASSISTANT:"])
     tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"})
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 

@@ -16,6 +16,9 @@ from msd.errors import MSDError
 SUBCOMMAND_MODULES = [
     "msd.cli.generate",
     "msd.cli.prepare_data",
+    "msd.cli.train",
+    "msd.cli.convert",
+    "msd.cli.embedded",
 ]
 
 

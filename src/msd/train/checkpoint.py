@@ -1,0 +1,88 @@
+"""Training checkpoints: atomic folders with a loadable draft and the state to resume exactly, with rotation.
+
+Layout of `OUTPUT/checkpoint-00001234` (the number is the optimizer step):
+
+    draft/               DraftModel.save_pretrained: config.json + model.safetensors, what `msd generate` loads
+    state/               accelerate's save_state: weights, optimizer, RNG states, scheduler
+    trainer_state.json   step, curriculum position, batch geometry and the training config
+
+A checkpoint is written under a hidden `.checkpoint-*.partial` name and renamed when complete, so a run killed
+mid-write leaves no folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from msd.errors import MSDError
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / STATE_NAME).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+    """Write the checkpoint of `step` atomically and delete all but the newest `keep` checkpoints.
+
+    Every process takes part (accelerate and DeepSpeed write per-process files); the main process writes the draft
+    and the trainer state and renames the folder.
+    """
+    final = output_dir / checkpoint_name(step)
+    partial = output_dir / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(str(partial / "state"))
+    if accelerator.is_main_process:
+        draft.save_pretrained(partial / "draft")
+        (partial / STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+            logger.info("removed old checkpoint %s (keeping %d)", old.name, keep)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(resume: str | Path | bool, output_dir: Path) -> Path:
+    """The checkpoint to resume from: an explicit folder, or the newest one in `output_dir` when `resume` is True."""
+    if resume is True:
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise MSDError(f"no checkpoint to resume from in {output_dir}. Start without --resume.")
+        return checkpoints[-1]
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise MSDError(f"{path} is not a training checkpoint (no {STATE_NAME}). Pass a checkpoint-* folder.")
+    return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_NAME).read_text())

@@ -1,0 +1,162 @@
+"""The draft's training objective on stored target features, with the slot alignment used at inference.
+
+Alignment. A stored sequence has tokens x_0 .. x_{T-1}, the target's last-layer features h_0 .. h_{T-1} (after the
+final norm), and the projected visual embeddings v_t at visual positions. As in `msd.draft.model` and the drafter's
+prefill, draft slot j (j = 0 .. T-2) reads
+
+    token x_{j+1}, feature h_j (plus uniform noise in training), v_{j+1} when x_{j+1} is visual, position of x_{j+1}
+
+and its output is trained towards h_{j+1}:
+
+    feature loss: SmoothL1(draft output_j, h_{j+1}), averaged over the hidden size
+    token loss:   cross-entropy from softmax(head(h_{j+1})) to log_softmax(head(draft output_j))
+
+where head is the target's frozen LM head (the draft's vocabulary rows when it is reduced).
+
+Loss mask. head(h_{j+1}) is the target's distribution for token x_{j+2}, and at inference slot j's output proposes
+that token. Slot j therefore counts when x_{j+2} is an assistant token (`loss_mask[j+2]`) and x_{j+1}, x_{j+2} are
+not padding. The last slot (j = T-2) never counts, because its x_{j+2} lies beyond the sequence. Both losses are
+means over the counted slots of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from msd.errors import MSDError
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the two loss parts and the width of the input-feature noise.
+
+    The defaults are the values of the EAGLE and MSD research training: feature weight 1.0, token weight 0.1 and
+    noise drawn uniformly from [-noise_width / 2, noise_width / 2] with noise_width 0.2.
+    """
+
+    feature_weight: float = 1.0
+    token_weight: float = 0.1
+    noise_width: float = 0.2
+
+    def __post_init__(self):
+        for name in ("feature_weight", "token_weight", "noise_width"):
+            if getattr(self, name) < 0:
+                raise MSDError(f"loss option {name} must be zero or positive, got {getattr(self, name)}.")
+
+
+@dataclass
+class DraftSlots:
+    """One batch laid out as draft slots (see the module docstring). S = T - 1 slots per sequence."""
+
+    token_ids: torch.Tensor  # (B, S) x_{j+1}
+    features: torch.Tensor  # (B, S, H) h_j
+    visual_embeds: torch.Tensor  # (B, S, H) v_{j+1}, zeros at text slots
+    visual_mask: torch.Tensor  # (B, S) bool, x_{j+1} is visual
+    position_ids: torch.Tensor  # (P, B, S) position of x_{j+1}
+    attention_mask: torch.Tensor  # (B, 1, S, S) bool, True where a slot may attend
+    target_features: torch.Tensor  # (B, S, H) h_{j+1}
+    counted: torch.Tensor  # (B, S) bool, the slot enters the loss
+
+    @property
+    def count(self) -> int:
+        return int(self.counted.sum())
+
+
+@dataclass
+class LossOutput:
+    """The weighted loss (differentiable) and detached parts for logging."""
+
+    loss: torch.Tensor
+    feature_loss: torch.Tensor
+    token_loss: torch.Tensor
+    agreements: int  # counted slots where the draft's top-1 token equals the target's
+    slots: int  # counted slots
+
+
+def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
+    """Shift a feature batch (the `collate_features` contract) into draft slots.
+
+    The attention mask is causal over the slots and hides padded keys; each slot always sees itself, so a padded
+    slot's attention row is never empty (its output is excluded from the loss anyway).
+    """
+    input_ids = batch["input_ids"]  # (B, T)
+    if input_ids.shape[1] < 3:
+        raise MSDError(
+            f"feature sequences must hold at least 3 tokens for one training slot, got {input_ids.shape[1]}. "
+            "Drop such samples when preparing the data."
+        )
+    hidden = batch["hidden_states"]  # (B, T, H)
+    present = batch["attention_mask"].bool()  # (B, T)
+    loss_mask = batch["loss_mask"].bool()  # (B, T)
+
+    slot_present = present[:, 1:]  # (B, S)
+    length = slot_present.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=input_ids.device))
+    attention = causal[None] & slot_present[:, None, :]
+    attention |= torch.eye(length, dtype=torch.bool, device=input_ids.device)[None]
+
+    counted = torch.zeros_like(slot_present)
+    counted[:, :-1] = loss_mask[:, 2:] & present[:, 2:] & present[:, 1:-1]
+    return DraftSlots(
+        token_ids=input_ids[:, 1:],
+        features=hidden[:, :-1],
+        visual_embeds=batch["visual_embeds"][:, 1:],
+        visual_mask=batch["visual_mask"].bool()[:, 1:],
+        position_ids=batch["position_ids"][:, :, 1:],
+        attention_mask=attention[:, None],
+        target_features=hidden[:, 1:],
+        counted=counted,
+    )
+
+
+def add_uniform_noise(features: torch.Tensor, width: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Add noise drawn uniformly from [-width / 2, width / 2] (EAGLE's feature augmentation)."""
+    if width == 0:
+        return features
+    noise = torch.rand(features.shape, generator=generator, device=features.device, dtype=torch.float32)
+    return features + ((noise - 0.5) * width).to(features.dtype)
+
+
+def compute_loss(
+    draft_forward,
+    draft,
+    slots: DraftSlots,
+    config: LossConfig,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """Run the draft over `slots` and return the weighted feature and token losses.
+
+    draft_forward: the callable that runs the draft (the DDP or DeepSpeed wrapper in distributed training);
+    draft: the attached, unwrapped DraftModel whose frozen head scores both feature sets; generator: source of the
+    feature noise, or None for no noise (evaluation).
+    """
+    features = slots.features
+    if generator is not None:
+        features = add_uniform_noise(features, config.noise_width, generator)
+    output = draft_forward(
+        slots.token_ids,
+        features,
+        slots.position_ids,
+        attention_mask=slots.attention_mask,
+        visual_embeds=slots.visual_embeds,
+        visual_mask=slots.visual_mask,
+    )  # (B, S, H)
+
+    predicted = output[slots.counted].float()  # (N, H) counted slots only: the head's logits are large
+    expected = slots.target_features[slots.counted].float()  # (N, H)
+    if predicted.shape[0] == 0:
+        zero = output.sum() * 0.0  # keeps every parameter in the graph, as DDP requires
+        return LossOutput(zero, zero.detach(), zero.detach(), agreements=0, slots=0)
+
+    feature_loss = F.smooth_l1_loss(predicted, expected, reduction="none").mean(dim=-1).mean()
+    with torch.no_grad():
+        target_probs = torch.softmax(draft.compute_logits(expected).float(), dim=-1)  # (N, V_draft)
+    draft_logits = draft.compute_logits(predicted).float()  # (N, V_draft)
+    token_loss = -(target_probs * torch.log_softmax(draft_logits, dim=-1)).sum(dim=-1).mean()
+
+    loss = config.feature_weight * feature_loss + config.token_weight * token_loss
+    agreements = int((draft_logits.argmax(dim=-1) == target_probs.argmax(dim=-1)).sum())
+    return LossOutput(loss, feature_loss.detach(), token_loss.detach(), agreements, predicted.shape[0])

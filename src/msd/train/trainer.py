@@ -1,0 +1,351 @@
+"""The draft training loop on stored target features, through accelerate (CPU, one GPU, DDP or DeepSpeed ZeRO).
+
+Data order. Each epoch's plan (`msd.train.curriculum`) lists its samples; one optimizer step consumes the next
+micro_batch_size x gradient_accumulation x processes of them. Micro-batch k of a step on process r takes the
+micro_batch_size samples at offset (k x processes + r) x micro_batch_size in the step's share of the plan. The plan
+depends only on the seed and the curriculum position, so `resume` continues with the same samples in the same order,
+provided the batch geometry (micro-batch, accumulation, processes) is unchanged.
+
+The target is loaded for its embedding and LM head only; both stay frozen and are neither trained nor saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from msd.draft import DraftConfig, DraftModel
+from msd.errors import MSDError
+from msd.train.checkpoint import find_resume_checkpoint, read_trainer_state, save_checkpoint
+from msd.train.config import TrainConfig
+from msd.train.curriculum import MULTIMODAL, TEXT, Curriculum, CurriculumPosition
+from msd.train.data import FeatureSource, check_features_fit, default_collate, split_source
+from msd.train.loss import build_slots, compute_loss
+from msd.train.metrics import MetricWindow, tensorboard_available, write_metrics
+
+logger = logging.getLogger(__name__)
+
+FINAL_DRAFT = "draft"
+SEQUENCE_KEYS = ("input_ids", "hidden_states", "visual_embeds", "visual_mask", "loss_mask", "attention_mask")
+
+
+def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Accelerator:
+    """An Accelerator for `config`; the launch configuration (DDP, DeepSpeed) comes from `accelerate launch`."""
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        log_with="tensorboard" if tensorboard_available() else None,
+        project_dir=str(output_dir),
+    )
+
+
+@dataclass
+class _Progress:
+    """The loop's position: global optimizer steps done and the curriculum position."""
+
+    step: int
+    position: CurriculumPosition
+
+
+class DraftTrainer:
+    """Trains an MSD draft for `target` (a TargetAdapter) on text and multimodal feature datasets.
+
+    Either dataset may be None (a single-stage run). `collate` defaults to `msd.data.dataset.collate_features`;
+    `draft` starts training from an existing DraftModel instead of a fresh one.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        target,
+        text_data,
+        multimodal_data,
+        output_dir: str | Path,
+        accelerator: Accelerator | None = None,
+        collate=None,
+        draft: DraftModel | None = None,
+    ):
+        if text_data is None and multimodal_data is None:
+            raise MSDError("no training data. Pass --text-data, --vision-data or both.")
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.accelerator = accelerator or make_accelerator(config, output_dir)
+        self.collate = collate or default_collate()
+        self.sources: dict[int, FeatureSource] = {}
+        inputs = ((TEXT, "text", "text", text_data), (MULTIMODAL, "multimodal", "vision", multimodal_data))
+        for source, name, kind, dataset in inputs:
+            if dataset is not None:
+                check_features_fit(dataset, target, name, kind)
+                self.sources[source] = split_source(name, dataset, config.eval_samples, config.seed)
+
+        self.draws_per_step = config.micro_batch_size * config.gradient_accumulation * self.accelerator.num_processes
+        sizes = [self.sources[source].size if source in self.sources else 0 for source in (TEXT, MULTIMODAL)]
+        self.curriculum = Curriculum(
+            config.curriculum.resolve(config.epochs), *sizes, draws_per_step=self.draws_per_step, seed=config.seed
+        )
+        self.total_steps = self._count_steps()
+
+        self.draft = self._build_draft(target, draft)
+        parameters = [parameter for parameter in self.draft.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(
+            parameters, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            config.lr_schedule,
+            optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        self._prepare_deepspeed()
+        self.model, self.optimizer = self.accelerator.prepare(self.draft, optimizer)
+        # The scheduler counts optimizer steps: it is stepped here rather than prepared, because accelerate's
+        # wrapper steps it once per process.
+        self.accelerator.register_for_checkpointing(self.scheduler)
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def _build_draft(self, target, draft: DraftModel | None) -> DraftModel:
+        if draft is None:
+            torch.manual_seed(self.config.seed)
+            draft = DraftModel(DraftConfig.for_target(target, input_layernorm=self.config.input_layernorm))
+        draft.attach(target)
+        if target.dtype in (torch.float16, torch.bfloat16):
+            draft.float()  # float32 master weights; mixed_precision runs the forward in 16-bit
+        return draft.train()
+
+    def _count_steps(self) -> int:
+        steps = 0
+        for epoch in range(self.config.epochs):
+            steps += self.curriculum.epoch_steps(epoch, steps)
+        return min(steps, self.config.max_steps) if self.config.max_steps else steps
+
+    def _prepare_deepspeed(self) -> None:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.config.micro_batch_size
+            plugin.deepspeed_config["gradient_accumulation_steps"] = self.config.gradient_accumulation
+            plugin.deepspeed_config["gradient_clipping"] = self.config.max_grad_norm
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def train(self, resume: str | Path | bool = False, stop_at_step: int | None = None) -> Path:
+        """Train to the end of the schedule and return the final draft folder.
+
+        resume: True for the newest checkpoint in the output folder, or a checkpoint folder. stop_at_step ends the
+        call after that global step as an interruption would (the schedule is unchanged), after a checkpoint.
+        """
+        progress = self._resume(resume) if resume else _Progress(0, CurriculumPosition())
+        self.accelerator.init_trackers("msd_train")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=progress.step,
+            desc="training draft",
+            unit="step",
+            disable=not self.accelerator.is_main_process,
+        )
+        window = MetricWindow()
+        stopped = False
+        while progress.position.epoch < self.config.epochs and progress.step < self.total_steps and not stopped:
+            stopped = self._run_epoch(progress, window, bar, stop_at_step)
+        bar.close()
+        self.accelerator.end_training()
+        if stopped:
+            return self.output_dir
+        final = self.output_dir / FINAL_DRAFT
+        if self.accelerator.is_main_process:
+            self.draft.save_pretrained(final)
+            logger.info("training finished after %d steps; draft saved to %s", progress.step, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _run_epoch(self, progress: _Progress, window: MetricWindow, bar, stop_at_step: int | None) -> bool:
+        """Run the rest of the current epoch; returns True when stopped by `stop_at_step`."""
+        position = progress.position
+        first_step = progress.step - position.step_in_epoch
+        plan = self.curriculum.plan(position.epoch, first_step, position)
+        steps = len(plan.sources) // self.draws_per_step
+        p = self.curriculum.multimodal_probability(position.epoch, first_step)
+        logger.info(
+            "epoch %d: %d steps, multimodal probability %.3f, multimodal share %.3f",
+            position.epoch + 1, steps, p, plan.multimodal_share,
+        )
+        self.accelerator.log({"curriculum/multimodal_share": plan.multimodal_share}, step=progress.step)
+
+        batches = self._rank_batches(plan, position.step_in_epoch)
+        loader = DataLoader(
+            _PlanSamples(self.sources),
+            batch_sampler=batches,
+            collate_fn=self.collate,
+            num_workers=self.config.num_workers,
+        )
+        micro = 0
+        for keys, batch in zip(batches, loader):
+            self._train_micro_batch(batch, keys, progress.step, window)
+            micro += 1
+            if micro % self.config.gradient_accumulation:
+                continue
+            self._optimizer_step()
+            progress.step += 1
+            position.step_in_epoch += 1
+            end_of_epoch = position.step_in_epoch == steps
+            if end_of_epoch:
+                progress.position = self.curriculum.advance(position, plan)  # checkpoints resume at the next epoch
+            bar.update(1)
+            self._after_step(progress, window, end_of_epoch)
+            if progress.step == stop_at_step:
+                return True
+            if progress.step >= self.total_steps:
+                break
+        return False
+
+    def _rank_batches(self, plan, start_step: int) -> list[list[tuple[int, int]]]:
+        """This process's micro-batches from `start_step` of the epoch on, as (source, dataset index) keys."""
+        size = self.config.micro_batch_size
+        processes = self.accelerator.num_processes
+        rank = self.accelerator.process_index
+        batches = []
+        for step in range(start_step, len(plan.sources) // self.draws_per_step):
+            base = step * self.draws_per_step
+            for micro in range(self.config.gradient_accumulation):
+                offset = base + (micro * processes + rank) * size
+                keys = []
+                for draw in range(offset, offset + size):
+                    source = int(plan.sources[draw])
+                    keys.append((source, int(self.sources[source].train_indices[plan.indices[draw]])))
+                batches.append(keys)
+        return batches
+
+    def _train_micro_batch(self, batch, keys, step: int, window: MetricWindow) -> None:
+        slots = build_slots(self._to_device(batch))
+        generator = torch.Generator(device=self.accelerator.device)
+        generator.manual_seed(_noise_seed(self.config.seed, self.accelerator.process_index, step, keys))
+        try:
+            with self.accelerator.accumulate(self.model), self.accelerator.autocast():
+                output = compute_loss(self.model, self.draft, slots, self.config.loss, generator)
+                if not torch.isfinite(output.loss):
+                    raise MSDError(
+                        f"the training loss became {float(output.loss.detach())} at step {step + 1} on samples "
+                        f"{_describe(keys)}. Check these samples' features, or lower the learning rate."
+                    )
+                self.accelerator.backward(output.loss)
+        except torch.OutOfMemoryError:
+            raise MSDError(
+                f"out of memory at step {step + 1} (micro-batch {self.config.micro_batch_size}, up to "
+                f"{self.config.max_length} tokens). Lower micro_batch_size or max_length and raise "
+                "gradient_accumulation, use mixed_precision bf16, or shard the optimizer with DeepSpeed ZeRO-2."
+            ) from None
+        window.add(output, samples=len(keys))
+
+    def _optimizer_step(self) -> None:
+        self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+
+    def _after_step(self, progress: _Progress, window: MetricWindow, end_of_epoch: bool) -> None:
+        config = self.config
+        step = progress.step
+        if step % config.log_every == 0 or end_of_epoch:
+            metrics = window.report(self.accelerator)
+            metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+            write_metrics(self.accelerator, metrics, step)
+        if end_of_epoch or (config.eval_every and step % config.eval_every == 0):
+            evaluation = self.evaluate()
+            if evaluation:
+                write_metrics(self.accelerator, evaluation, step)
+        epoch_save = end_of_epoch and config.save_each_epoch
+        if epoch_save or step == self.total_steps or (config.save_every and step % config.save_every == 0):
+            self._save(progress)
+
+    # -- evaluation, checkpoints ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 agreement of draft and target, and the loss, on each source's held-out samples (no noise)."""
+        self.draft.eval()
+        metrics = {}
+        for source in self.sources.values():
+            held_out = source.held_out[self.accelerator.process_index :: self.accelerator.num_processes]
+            totals = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
+            for start in range(0, len(held_out), self.config.micro_batch_size):
+                samples = [source.dataset[int(index)] for index in held_out[start : start + self.config.micro_batch_size]]
+                slots = build_slots(self._to_device(self.collate(samples)))
+                with self.accelerator.autocast():
+                    output = compute_loss(self.draft, self.draft, slots, self.config.loss, generator=None)
+                totals += torch.tensor([output.agreements, output.slots, float(output.loss) * output.slots],
+                                       dtype=torch.float64, device=totals.device)
+            agreements, slots, loss = self.accelerator.reduce(totals, reduction="sum").tolist()
+            if slots:
+                metrics[f"eval/{source.name}_top1"] = agreements / slots
+                metrics[f"eval/{source.name}_loss"] = loss / slots
+        self.draft.train()
+        return metrics
+
+    def _save(self, progress: _Progress) -> Path:
+        state = {
+            "step": progress.step,
+            "position": progress.position.as_dict(),
+            "draws_per_step": self.draws_per_step,
+            "processes": self.accelerator.num_processes,
+            "seed": self.config.seed,
+            "config": self.config.as_dict(),
+        }
+        return save_checkpoint(
+            self.accelerator, self.draft, self.output_dir, progress.step, state, self.config.keep_checkpoints
+        )
+
+    def _resume(self, resume: str | Path | bool) -> _Progress:
+        checkpoint = find_resume_checkpoint(resume, self.output_dir)
+        state = read_trainer_state(checkpoint)
+        for name, current in (("draws_per_step", self.draws_per_step), ("seed", self.config.seed)):
+            if state[name] != current:
+                raise MSDError(
+                    f"cannot resume from {checkpoint}: it was trained with {name} {state[name]}, this run has "
+                    f"{current}. Resume with the same micro_batch_size, gradient_accumulation, process count and "
+                    "seed, or start a new run."
+                )
+        self.accelerator.load_state(str(checkpoint / "state"))
+        position = CurriculumPosition(**state["position"])
+        logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], position.epoch + 1)
+        return _Progress(step=state["step"], position=position)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        length = self.config.max_length
+        batch = {name: value.to(self.accelerator.device) for name, value in batch.items() if torch.is_tensor(value)}
+        for name in SEQUENCE_KEYS:
+            batch[name] = batch[name][:, :length]
+        batch["position_ids"] = batch["position_ids"][:, :, :length]
+        return batch
+
+
+class _PlanSamples(torch.utils.data.Dataset):
+    """Samples addressed by (source, dataset index) keys."""
+
+    def __init__(self, sources: dict[int, FeatureSource]):
+        self.datasets = {source: value.dataset for source, value in sources.items()}
+
+    def __getitem__(self, key: tuple[int, int]):
+        source, index = key
+        return self.datasets[source][index]
+
+    def __len__(self) -> int:
+        return sum(len(dataset) for dataset in self.datasets.values())
+
+
+def _noise_seed(seed: int, rank: int, step: int, keys) -> int:
+    """A noise seed from the run seed, process, step and samples: resumed runs draw the same noise."""
+    flat = [seed, rank, step] + [value for key in keys for value in key]
+    return int(np.random.SeedSequence(flat).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _describe(keys) -> str:
+    names = {TEXT: "text", MULTIMODAL: "multimodal"}
+    return ", ".join(f"{names[source]}[{index}]" for source, index in keys)

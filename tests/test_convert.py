@@ -1,0 +1,113 @@
+"""Research-format (EAGLE-style) draft checkpoints convert to msd drafts that generate like directly built ones."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from msd.decoding import SpeculativeGenerator, TreeParams
+from msd.draft import DraftConfig, DraftModel
+from msd.draft.convert import convert_checkpoint, weight_name_map
+from msd.errors import MSDError
+from tiny_models import llava_inputs, random_image
+from train_helpers import tiny_target
+
+TREE = TreeParams(depth=3, top_k=3, total_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+def research_state(draft: DraftModel, target) -> dict[str, torch.Tensor]:
+    """The draft's weights under research names, with the embedding copy research checkpoints carry."""
+    state = draft.state_dict()
+    research = {research: state[name].clone() for name, research in weight_name_map(draft).items()}
+    research["embed_tokens.weight"] = target.embed_tokens.weight.detach().clone()
+    return research
+
+
+def write_research(folder, draft, target, pickled: bool, drop: str | None = None):
+    folder.mkdir()
+    text = target.text_config
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": text.hidden_size,
+              "intermediate_size": text.intermediate_size, "num_attention_heads": text.num_attention_heads,
+              "num_key_value_heads": text.num_key_value_heads, "vocab_size": text.vocab_size}
+    (folder / "config.json").write_text(json.dumps(config))
+    state = research_state(draft, target)
+    if drop:
+        del state[drop]
+    if pickled:
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        save_file(state, str(folder / "model.safetensors"))
+
+
+def random_draft(target, input_layernorm: bool) -> DraftModel:
+    torch.manual_seed(3)
+    draft = DraftModel(DraftConfig.for_target(target, input_layernorm=input_layernorm))
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.normal_(0, 0.05)
+    return draft.to(target.dtype)
+
+
+@pytest.mark.parametrize("pickled", [False, True])
+@pytest.mark.parametrize("input_layernorm", [False, True])
+def test_convert_generates_identically(tmp_path, target, pickled, input_layernorm):
+    direct = random_draft(target, input_layernorm)
+    write_research(tmp_path / "research", direct, target, pickled)
+
+    convert_checkpoint(tmp_path / "research", tmp_path / "msd", target.config)
+    converted = DraftModel.from_pretrained(tmp_path / "msd")
+
+    assert converted.config.input_layernorm == input_layernorm
+    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
+    expected = SpeculativeGenerator(target, direct, TREE).generate(inputs, max_new_tokens=12)
+    actual = SpeculativeGenerator(target, converted, TREE).generate(inputs, max_new_tokens=12)
+    assert actual.token_ids == expected.token_ids
+    assert actual.stats.accepted_lengths == expected.stats.accepted_lengths
+
+
+def test_convert_missing_weight_raises(tmp_path, target):
+    write_research(tmp_path / "research", random_draft(target, True), target, False, drop="layers.0.mlp.up_proj.weight")
+    with pytest.raises(MSDError, match="layers.0.mlp.up_proj.weight"):
+        convert_checkpoint(tmp_path / "research", tmp_path / "msd", target.config)
+
+
+def test_convert_unknown_weight_raises(tmp_path, target):
+    folder = tmp_path / "research"
+    write_research(folder, random_draft(target, True), target, False)
+    state = research_state(random_draft(target, True), target)
+    state["layers.1.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(MSDError, match="layers.1.mlp.up_proj.weight"):
+        convert_checkpoint(folder, tmp_path / "msd", target.config)
+
+
+def test_convert_other_target_raises(tmp_path, target):
+    folder = tmp_path / "research"
+    write_research(folder, random_draft(target, True), target, False)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = 4096
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MSDError, match="hidden_size 4096"):
+        convert_checkpoint(folder, tmp_path / "msd", target.config)
+
+
+def test_convert_rejects_pickled_code(tmp_path, target):
+    folder = tmp_path / "research"
+    write_research(folder, random_draft(target, True), target, True)
+    torch.save({"fc.weight": torch.zeros(1), "payload": object()}, folder / "pytorch_model.bin")
+    with pytest.raises(MSDError, match="cannot read"):
+        convert_checkpoint(folder, tmp_path / "msd", target.config)
+
+
+def test_convert_missing_files_raise(tmp_path, target):
+    with pytest.raises(MSDError, match="no config.json"):
+        convert_checkpoint(tmp_path, tmp_path / "msd", target.config)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MSDError, match="no weights"):
+        convert_checkpoint(tmp_path, tmp_path / "msd", target.config)

@@ -1,0 +1,141 @@
+"""The training loop: exact resume, checkpoints loadable by msd generate, rotation, and input errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msd.data import FeatureDataset
+from msd.decoding import SpeculativeGenerator, TreeParams
+from msd.draft import DraftModel
+from msd.errors import MSDError
+from msd.train import CurriculumConfig, DraftTrainer, TrainConfig
+from msd.train.checkpoint import list_checkpoints
+from tiny_models import llava_inputs, random_image
+from train_helpers import prepare_folder, tiny_target
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("features")
+    target = tiny_target()
+    text = prepare_folder(target, folder / "text", 8, "text", answer_tokens=10)
+    vision = prepare_folder(target, folder / "vision", 4, "vision", answer_tokens=10)
+    return target, text, vision
+
+
+def config(**options) -> TrainConfig:
+    values = dict(epochs=4, micro_batch_size=2, gradient_accumulation=2, learning_rate=1e-3, warmup_steps=2,
+                  mixed_precision="no", save_every=0, save_each_epoch=True, eval_samples=0, log_every=1,
+                  curriculum=CurriculumConfig(text_only=1, ramp=2, ramp_start=0.5, ramp_end=0.5))
+    values.update(options)
+    return TrainConfig(**values)
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, setup):
+    target, text, vision = setup
+    full = DraftTrainer(config(), target, text, vision, tmp_path / "full").train()
+    total = DraftTrainer(config(), target, text, vision, tmp_path / "x").total_steps
+    middle = total // 2 + 1  # inside an epoch, so the resume continues a partly read plan
+
+    DraftTrainer(config(save_every=middle), target, text, vision, tmp_path / "split").train(stop_at_step=middle)
+    assert list_checkpoints(tmp_path / "split")[-1].name.endswith(f"{middle:08d}")
+    resumed = DraftTrainer(config(save_every=middle), target, text, vision, tmp_path / "split").train(resume=True)
+
+    expected, actual = weights(full), weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_resume_with_other_batch_geometry_raises(tmp_path, setup):
+    target, text, vision = setup
+    DraftTrainer(config(), target, text, vision, tmp_path).train(stop_at_step=2)
+    with pytest.raises(MSDError, match="draws_per_step"):
+        DraftTrainer(config(micro_batch_size=1), target, text, vision, tmp_path).train(resume=True)
+
+
+def test_checkpoints_load_and_rotate(tmp_path, setup):
+    target, text, vision = setup
+    final = DraftTrainer(config(save_every=1, keep_checkpoints=2), target, text, vision, tmp_path).train()
+
+    checkpoints = list_checkpoints(tmp_path)
+    assert len(checkpoints) == 2
+    assert not list(tmp_path.glob(".*partial"))
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert state["position"]["epoch"] == 4
+    draft = DraftModel.from_pretrained(checkpoints[-1] / "draft")
+    assert torch.equal(draft.fc.weight, DraftModel.from_pretrained(final).fc.weight)
+
+    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
+    plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=8)
+    drafted = SpeculativeGenerator(target, draft, TreeParams(depth=3, top_k=3, total_tokens=8)).generate(
+        inputs, max_new_tokens=8
+    )
+    assert drafted.token_ids == plain.token_ids
+
+
+def test_metrics_include_heldout_agreement(tmp_path, setup, caplog):
+    target, text, vision = setup
+    trainer = DraftTrainer(config(eval_samples=1, epochs=1), target, text, vision, tmp_path)
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval/text_top1"] <= 1.0
+    assert 0.0 <= metrics["eval/multimodal_top1"] <= 1.0
+    with caplog.at_level("INFO"):
+        trainer.train()
+    assert "train/samples_per_second" in caplog.text
+    assert "multimodal share" in caplog.text
+
+
+def test_kind_and_target_mismatch_raise(tmp_path, setup):
+    target, text, vision = setup
+    with pytest.raises(MSDError, match="expected 'text'"):
+        DraftTrainer(config(), target, vision, None, tmp_path)
+    other = tiny_target(seed=1)
+    other.text_config.hidden_size = 32  # stands for a target of another size
+    with pytest.raises(MSDError, match="hidden_size"):
+        DraftTrainer(config(), other, text, None, tmp_path)
+
+
+def test_empty_or_missing_folder_raises(tmp_path):
+    from msd.train.data import open_feature_folder
+
+    with pytest.raises(MSDError, match="not found"):
+        open_feature_folder(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MSDError):
+        open_feature_folder(tmp_path / "empty")
+
+
+def test_nan_loss_names_step_and_samples(tmp_path, setup):
+    target, text, vision = setup
+
+    class Poisoned(torch.utils.data.Dataset):
+        card = text.card
+
+        def __len__(self):
+            return len(text)
+
+        def __getitem__(self, index):
+            sample = dict(text[index])
+            sample["hidden_states"] = torch.full_like(sample["hidden_states"], math.nan)
+            return sample
+
+    trainer = DraftTrainer(config(), target, Poisoned(), None, tmp_path)
+    with pytest.raises(MSDError, match=r"step 1 on samples text\[\d+\]"):
+        trainer.train()
+
+
+def test_invalid_config_raises():
+    with pytest.raises(MSDError, match="micro_batch_size"):
+        TrainConfig(micro_batch_size=0)
+    with pytest.raises(MSDError, match="unknown training options"):
+        TrainConfig.from_dict({"learning_rat": 1.0})
+    with pytest.raises(MSDError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
