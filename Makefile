@@ -14,7 +14,10 @@ $(BIN)/activate:
 
 setup: $(BIN)/activate
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,data,eval]"
+	# lmms-eval pins torchvision and would replace torch, so it goes in without its dependencies (the eval extra
+	# lists the ones it needs).
+	$(BIN)/pip install --quiet --no-deps "lmms-eval==0.7.3"
 
 test: setup
 	$(BIN)/python -m pytest -q

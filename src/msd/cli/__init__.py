@@ -15,10 +15,11 @@ from msd.errors import MSDError
 
 SUBCOMMAND_MODULES = [
     "msd.cli.generate",
+    "msd.cli.bench",
+    "msd.cli.embedded",
     "msd.cli.prepare_data",
     "msd.cli.train",
     "msd.cli.convert",
-    "msd.cli.embedded",
 ]
 
 

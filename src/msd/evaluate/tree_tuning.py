@@ -1,0 +1,132 @@
+"""Choosing the draft tree's size for the machine at hand.
+
+A tree of n tokens costs one target forward over n tokens plus `depth` draft steps, and yields tau tokens. On a GPU
+the target's forward costs about the same for 1 and for dozens of tokens, so large trees pay off. On a CPU the cost
+grows with n almost from the start, so small trees win. `tune_tree`:
+
+1. times the target's forward over trees of each candidate size (after one prompt's prefill);
+2. times the draft's proposal of a tree for each candidate depth;
+3. runs a short greedy generation with each (total_tokens, depth) pair to measure tau;
+4. picks the pair with the highest estimated throughput tau / (forward time + proposal time).
+
+The estimate uses the repeated timings of steps 1 and 2 rather than the pilot's own wall time, which is one short
+run and noisy.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from msd.decoding import MSDDrafter, SpeculativeGenerator, TreeParams
+from msd.decoding.tree import DraftTree
+from msd.draft import DraftModel
+from msd.evaluate.methods import wall_clock
+from msd.targets.base import TargetAdapter, truncate_cache
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (16, 32, 48, 64)
+DEFAULT_DEPTHS = (3, 5, 7)
+
+
+@dataclass
+class TreeChoice:
+    """The chosen tree and the measurements behind it. Times are median seconds."""
+
+    params: TreeParams
+    forward_times: dict[int, float]  # tree size -> one target forward over that many tokens
+    proposal_times: dict[int, float]  # depth -> one draft proposal
+    candidates: list[dict]  # per (total_tokens, depth): pilot tau and estimated tokens per second
+
+    def as_dict(self) -> dict:
+        return {
+            "chosen": {"total_tokens": self.params.total_tokens, "depth": self.params.depth, "top_k": self.params.top_k},
+            "forward_times": self.forward_times,
+            "proposal_times": self.proposal_times,
+            "candidates": self.candidates,
+        }
+
+
+@torch.no_grad()
+def time_target_forward(target: TargetAdapter, inputs, sizes: Sequence[int], repeats: int = 3) -> dict[int, float]:
+    """Median time of one target forward over a chain of n tokens appended after the prompt, for each n in sizes."""
+    prefill, state = target.prefill(inputs)
+    prompt_length = state.length
+    token = int(prefill.logits.argmax())
+    times = {}
+    for size in sizes:
+        tree = DraftTree.chain([token] * size)
+        mask = tree.ancestor_mask()
+        samples = []
+        for _ in range(repeats + 1):  # the first run is a warm-up
+            start = wall_clock(target.device)
+            target.forward_tree(state, tree.tokens, tree.depths, mask)
+            samples.append(wall_clock(target.device) - start)
+            truncate_cache(state.cache, prompt_length)
+            state.length = prompt_length
+        times[size] = statistics.median(samples[1:])
+    return times
+
+
+@torch.no_grad()
+def time_draft_proposal(
+    target: TargetAdapter, draft: DraftModel, inputs, tree: TreeParams, depths: Sequence[int], repeats: int = 3
+) -> dict[int, float]:
+    """Median time of one draft proposal (a whole tree) at each depth, with the largest candidate tree size."""
+    prefill, state = target.prefill(inputs)
+    drafter = MSDDrafter(draft, target)
+    first_token = int(prefill.logits.argmax())
+    drafter.start(prefill, state, first_token)
+    kept = drafter.cache_length
+    times = {}
+    for depth in depths:
+        samples = []
+        for _ in range(repeats + 1):
+            start = wall_clock(target.device)
+            drafter.propose(first_token, replace(tree, depth=depth), max_depth=depth)
+            samples.append(wall_clock(target.device) - start)
+            truncate_cache(drafter.cache, kept)  # drop the slots the proposal appended
+        times[depth] = statistics.median(samples[1:])
+    return times
+
+
+def tune_tree(
+    target: TargetAdapter,
+    draft: DraftModel,
+    inputs: Mapping[str, torch.Tensor],
+    base: TreeParams,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    depths: Sequence[int] = DEFAULT_DEPTHS,
+    pilot_tokens: int = 64,
+) -> TreeChoice:
+    """Pick total_tokens and depth for this machine (see the module docstring); top_k is kept from `base`."""
+    sizes = sorted(set(sizes))
+    depths = sorted(set(depths))
+    forward_times = time_target_forward(target, inputs, sizes)
+    proposal_times = time_draft_proposal(target, draft, inputs, replace(base, total_tokens=max(sizes)), depths)
+    logger.info("target forward times by tree size: %s", forward_times)
+    logger.info("draft proposal times by depth: %s", proposal_times)
+
+    candidates = []
+    for size in sizes:
+        for depth in depths:
+            if depth >= size:
+                continue
+            params = replace(base, total_tokens=size, depth=depth)
+            # End-of-sequence tokens are ignored so that every pilot decodes pilot_tokens tokens.
+            generator = SpeculativeGenerator(target, draft, params)
+            output = generator.generate(inputs, max_new_tokens=pilot_tokens, eos_token_ids=[])
+            estimate = output.stats.tau / (forward_times[size] + proposal_times[depth])
+            candidates.append({"total_tokens": size, "depth": depth, "tau": output.stats.tau, "tokens_per_second": estimate})
+    if not candidates:
+        raise ValueError(f"no candidate tree: every depth in {depths} is at least every size in {sizes}")
+    best = max(candidates, key=lambda candidate: candidate["tokens_per_second"])
+    chosen = replace(base, total_tokens=best["total_tokens"], depth=best["depth"])
+    logger.info("chose total_tokens=%d depth=%d (estimated %.1f tokens/s)", chosen.total_tokens, chosen.depth,
+                best["tokens_per_second"])
+    return TreeChoice(chosen, forward_times, proposal_times, candidates)
