@@ -119,3 +119,16 @@ def test_unknown_family_folder(tmp_path):
 def test_missing_target_folder(tmp_path):
     with pytest.raises(MSDError, match="cannot load a model config"):
         load_target(tmp_path / "missing")
+
+
+def test_truncated_image_with_lenient_pillow(tmp_path, monkeypatch):
+    # A library that enables Pillow's LOAD_TRUNCATED_IMAGES globally must not make a corrupt image pass.
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    path = tmp_path / "photo.jpg"
+    random_image(64, 64).save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(MSDError, match="corrupt image"):
+        load_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the setting is restored

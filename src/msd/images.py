@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from msd.errors import MSDError
 
@@ -19,6 +19,10 @@ def load_image(path: str | Path) -> Image.Image:
         raise MSDError(f"image file not found: {path}. Check the path passed with --image.")
     if not path.is_file():
         raise MSDError(f"image path is not a file: {path}.")
+    # Some libraries (lmms-eval among them) set Pillow's process-wide LOAD_TRUNCATED_IMAGES on import, which would
+    # turn a truncated file into a silently padded picture; decode strictly here and restore the setting after.
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as image:
             image.load()  # decodes every pixel, so truncated data fails here and not inside the processor
@@ -29,3 +33,5 @@ def load_image(path: str | Path) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise MSDError(f"corrupt image file {path}: {error}. Re-export or re-download the image.") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
