@@ -118,12 +118,12 @@ class MSDDrafter(Drafter):
         frontier = torch.arange(top_k, device=device)  # candidate indices expanded next
         frontier_features = self.root_feature.expand(top_k, -1)  # (k, H) feature of each frontier node's parent
         fed_slot: dict[int, int] = {}  # candidate index -> draft cache slot, for the tree attention mask
-        all_parents = cand_parents[0].clone()
+        parent_of = [-1] * top_k  # candidate parents as a host list: the mask loop reads it without device syncs
         count = top_k
 
         for step in range(1, depth):
             frontier_tokens = torch.cat(cand_tokens)[frontier]
-            hidden = self._feed_frontier(frontier, frontier_tokens, frontier_features, all_parents, fed_slot, step)
+            hidden = self._feed_frontier(frontier, frontier_tokens, frontier_features, parent_of, fed_slot, step)
             logprobs = torch.log_softmax(self.draft.compute_logits(hidden).float(), dim=-1)  # (k, V_draft)
             child_scores, child_tokens = logprobs.topk(top_k, dim=-1)  # (k, k)
             child_scores = child_scores + torch.cat(cand_scores)[frontier][:, None]  # cumulative log-probability
@@ -132,7 +132,7 @@ class MSDDrafter(Drafter):
             new_parents = frontier.repeat_interleave(top_k)
             cand_parents.append(new_parents)
             cand_scores.append(child_scores.reshape(-1))
-            all_parents = torch.cat([all_parents, new_parents])
+            parent_of += new_parents.tolist()
 
             best = child_scores.reshape(-1).topk(top_k).indices  # next frontier among the new children
             frontier_features = hidden[best // top_k]
@@ -153,23 +153,24 @@ class MSDDrafter(Drafter):
             parents=torch.cat([torch.tensor([-1], device=device), tree_parents]).cpu(),
         )
 
-    def _feed_frontier(self, frontier, tokens, features, parents, fed_slot, step) -> torch.Tensor:
+    def _feed_frontier(self, frontier, tokens, features, parent_of, fed_slot, step) -> torch.Tensor:
         """Run the draft on the frontier nodes; each attends to the kept slots, its fed ancestors and itself."""
         k = frontier.shape[0]
         device = tokens.device
         first_slot = self.cache.get_seq_length()
-        allowed = torch.zeros(k, first_slot + k, dtype=torch.bool, device=device)
+        allowed = torch.zeros(k, first_slot + k, dtype=torch.bool)  # built on the host, moved once
         allowed[:, : self.cache_length] = True
         for row, node in enumerate(frontier.tolist()):
             allowed[row, first_slot + row] = True
-            ancestor = int(parents[node])
+            ancestor = parent_of[node]
             while ancestor >= 0:
                 allowed[row, fed_slot[ancestor]] = True
-                ancestor = int(parents[ancestor])
+                ancestor = parent_of[ancestor]
             fed_slot[node] = first_slot + row
         dtype = self.draft.fc.weight.dtype
+        allowed = allowed.to(device)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-        # A node at depth `step` (the root's children are depth 1) sits `step` positions after the root's child slot.
+        # Frontier nodes are at depth `step`, and `next_position` is the position of depth 1.
         positions = self._positions(torch.full((k,), step - 1, device=device))
         token_ids = self.draft.to_target_ids(tokens)
         return self.draft(token_ids[None], features[None], positions[:, None], mask[None, None], self.cache)[0]
