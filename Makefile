@@ -10,12 +10,12 @@ BIN := $(VENV)/bin
 DEMO_DRAFT ?= src/msd/embedded/weights/draft
 DEMO_IMAGES ?= chelsea astronaut rocket
 DEMO_PROMPT ?= Describe this picture in a few sentences.
-DEMO_OPTIONS ?= --max-new-tokens 96 --depth 4 --tree-top-k 3 --total-tokens 10
+DEMO_OPTIONS ?= --max-new-tokens 96 --depth 3 --tree-top-k 2 --total-tokens 6
 
 # The benchmark behind BENCHMARKS.md: the default target and draft on held-out prompts, side by side with plain
 # decoding and prompt lookup.
 BENCH_DATA ?= benchmarks/default_model/eval_prompts.jsonl
-BENCH_OPTIONS ?= --max-new-tokens 96 --depth 4 --tree-top-k 3 --total-tokens 10 --warmup 1
+BENCH_OPTIONS ?= --max-new-tokens 96 --depth 3 --tree-top-k 2 --total-tokens 6 --warmup 1
 BENCH_OUTPUT ?= runs/bench-default
 
 .PHONY: setup embedded-setup test demo benchmarks clean

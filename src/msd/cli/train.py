@@ -29,6 +29,11 @@ OVERRIDES = {
     "--eval-samples": ("eval_samples", int, "held-out samples per source"),
     "--log-every": ("log_every", int, "optimizer steps between metric logs"),
     "--num-workers": ("num_workers", int, "data loader worker processes"),
+    "--draft-vocab-size": (
+        "draft_vocab_size",
+        int,
+        "a fresh draft scores only this many target tokens, the most frequent in the training answers",
+    ),
 }
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     input_layernorm: bool = True  # False builds the EAGLE-1/2 layout without the decoder layer's input norm
+    draft_vocab_size: int | None = None  # a fresh draft's reduced vocabulary (msd.train.vocab); None: the target's
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
@@ -54,6 +55,8 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_every", "eval_samples", "num_workers", "weight_decay"):
             if getattr(self, name) < 0:
                 raise MSDError(f"training option {name} must be zero or positive, got {getattr(self, name)}.")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 2:
+            raise MSDError(f"training option draft_vocab_size must be at least 2, got {self.draft_vocab_size}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise MSDError(f"training option max_steps must be at least 1, got {self.max_steps}.")
         if self.learning_rate <= 0:

@@ -11,7 +11,11 @@ and its output is trained towards h_{j+1}:
     feature loss: SmoothL1(draft output_j, h_{j+1}), averaged over the hidden size
     token loss:   cross-entropy from softmax(head(h_{j+1})) to log_softmax(head(draft output_j))
 
-where head is the target's frozen LM head (the draft's vocabulary rows when it is reduced).
+where head is the target's frozen LM head. With a reduced draft vocabulary head keeps only the draft vocabulary's
+rows, so the target distribution is renormalised over the draft vocabulary: the draft learns the target's ranking
+among the tokens it can propose, which is what drafting needs. Agreement (draft top-1 equals target top-1) is then
+measured against the target's top-1 over its whole vocabulary, so a target token the draft cannot propose counts as
+a miss.
 
 Loss mask. head(h_{j+1}) is the target's distribution for token x_{j+2}, and at inference slot j's output proposes
 that token. Slot j therefore counts when x_{j+2} is an assistant token (`loss_mask[j+2]`) and x_{j+1}, x_{j+2} are
@@ -126,12 +130,15 @@ def compute_loss(
     slots: DraftSlots,
     config: LossConfig,
     generator: torch.Generator | None = None,
+    target_head: torch.Tensor | None = None,
 ) -> LossOutput:
     """Run the draft over `slots` and return the weighted feature and token losses.
 
     draft_forward: the callable that runs the draft (the DDP or DeepSpeed wrapper in distributed training);
     draft: the attached, unwrapped DraftModel whose frozen head scores both feature sets; generator: source of the
-    feature noise, or None for no noise (evaluation).
+    feature noise, or None for no noise (evaluation). target_head: the target's full (V, H) LM head. A reduced draft
+    vocabulary needs it to count agreement over the target's whole vocabulary, and without it agreement is counted
+    within the draft vocabulary.
     """
     features = slots.features
     if generator is not None:
@@ -158,5 +165,21 @@ def compute_loss(
     token_loss = -(target_probs * torch.log_softmax(draft_logits, dim=-1)).sum(dim=-1).mean()
 
     loss = config.feature_weight * feature_loss + config.token_weight * token_loss
-    agreements = int((draft_logits.argmax(dim=-1) == target_probs.argmax(dim=-1)).sum())
+    agreements = count_agreements(draft, draft_logits, target_probs, expected, target_head)
     return LossOutput(loss, feature_loss.detach(), token_loss.detach(), agreements, predicted.shape[0])
+
+
+@torch.no_grad()
+def count_agreements(
+    draft, draft_logits: torch.Tensor, target_probs: torch.Tensor, expected: torch.Tensor, target_head
+) -> int:
+    """Count slots where the draft's top-1, as a target id, is the target's top-1 token.
+
+    draft_logits, target_probs: (N, V_draft); expected: (N, H) the target features. With a reduced draft vocabulary
+    and `target_head` (V, H) the target's top-1 is taken over its whole vocabulary.
+    """
+    draft_top = draft_logits.argmax(dim=-1)  # (N,) draft-vocabulary indices
+    if draft.draft_to_target is None or target_head is None:
+        return int((draft_top == target_probs.argmax(dim=-1)).sum())
+    target_top = F.linear(expected.to(target_head.dtype), target_head).argmax(dim=-1)  # (N,) target ids
+    return int((draft.to_target_ids(draft_top) == target_top).sum())

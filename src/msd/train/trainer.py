@@ -30,6 +30,7 @@ from msd.train.curriculum import MULTIMODAL, TEXT, Curriculum, CurriculumPositio
 from msd.train.data import FeatureSource, check_features_fit, default_collate, split_source
 from msd.train.loss import build_slots, compute_loss
 from msd.train.metrics import MetricWindow, tensorboard_available, write_metrics
+from msd.train.vocab import draft_vocab_from_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class DraftTrainer:
         self.total_steps = self._count_steps()
 
         self.draft = self._build_draft(target, draft)
+        # (V, H): held-out agreement of a reduced-vocabulary draft is counted over the target's whole vocabulary.
+        # Training steps count it within the draft vocabulary, which spares a full-head product per step.
+        self.target_head = target.lm_head.weight.detach()
         parameters = [parameter for parameter in self.draft.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(
             parameters, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
@@ -113,9 +117,21 @@ class DraftTrainer:
     # -- setup ----------------------------------------------------------------------------------------
 
     def _build_draft(self, target, draft: DraftModel | None) -> DraftModel:
+        vocab_size = self.config.draft_vocab_size
         if draft is None:
             torch.manual_seed(self.config.seed)
-            draft = DraftModel(DraftConfig.for_target(target, input_layernorm=self.config.input_layernorm))
+            config = DraftConfig.for_target(
+                target, input_layernorm=self.config.input_layernorm, draft_vocab_size=vocab_size
+            )
+            draft = DraftModel(config)
+            if vocab_size is not None:
+                sources = [(source.dataset, source.train_indices) for source in self.sources.values()]
+                draft.draft_to_target.copy_(draft_vocab_from_datasets(sources, target, vocab_size))
+        elif vocab_size is not None and vocab_size != draft.config.draft_vocab_size:
+            raise MSDError(
+                f"draft_vocab_size {vocab_size} does not match the initial draft's "
+                f"{draft.config.draft_vocab_size}. Leave draft_vocab_size unset when starting from --init-draft."
+            )
         draft.attach(target)
         if target.dtype in (torch.float16, torch.bfloat16):
             draft.float()  # float32 master weights; mixed_precision runs the forward in 16-bit
@@ -279,7 +295,7 @@ class DraftTrainer:
                 samples = [source.dataset[int(index)] for index in held_out[start : start + self.config.micro_batch_size]]
                 slots = build_slots(self._to_device(self.collate(samples)))
                 with self.accelerator.autocast():
-                    output = compute_loss(self.draft, self.draft, slots, self.config.loss, generator=None)
+                    output = compute_loss(self.draft, self.draft, slots, self.config.loss, None, self.target_head)
                 totals += torch.tensor([output.agreements, output.slots, float(output.loss) * output.slots],
                                        dtype=torch.float64, device=totals.device)
             agreements, slots, loss = self.accelerator.reduce(totals, reduction="sum").tolist()
