@@ -1,0 +1,108 @@
+"""Measure a draft against plain greedy decoding for several tree settings, in one process, the way `msd generate
+--compare` does per call: tau, tokens/s, speedup (plain total time / msd total time) and token identity.
+
+    python benchmarks/default_draft/measure.py --target "$(msd embedded build)" \
+        --draft src/msd/embedded/weights/draft --held-out runs/default-draft/rows.heldout.jsonl \
+        --image src/msd/evaluate/local_task/images/chelsea.jpg --trees 3,2,6 4,3,10 5,4,16
+
+Each input is decoded plainly once and then with every tree. Prints a Markdown table; --json also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from msd.data.rows import JsonlRows
+from msd.decoding import SpeculativeGenerator, TreeParams
+from msd.draft import DraftModel
+from msd.images import load_image
+from msd.prompts import build_inputs
+from msd.targets import load_target
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PROMPT = "Describe this picture in a few sentences."
+
+
+def parse_tree(text: str) -> TreeParams:
+    depth, top_k, total = (int(part) for part in text.split(","))
+    return TreeParams(depth=depth, top_k=top_k, total_tokens=total)
+
+
+def held_out_prompts(path: Path, count: int) -> list[str]:
+    rows = JsonlRows(path)
+    return [rows[index]["conversations"][0]["value"] for index in range(min(count, len(rows)))]
+
+
+def measure(target, draft, cases, trees, max_new_tokens: int) -> list[dict]:
+    """Decode every (name, inputs) case plainly once and with each tree; return one result row per pair."""
+    results = []
+    plain_generator = SpeculativeGenerator(target, None)
+    for name, inputs in cases:
+        plain = plain_generator.generate(inputs, max_new_tokens=max_new_tokens)
+        for tree in trees:
+            output = SpeculativeGenerator(target, draft, tree).generate(inputs, max_new_tokens=max_new_tokens)
+            stats = output.stats
+            results.append({
+                "input": name,
+                "tree": f"{tree.depth},{tree.top_k},{tree.total_tokens}",
+                "tau": stats.tau,
+                "msd_tokens_per_s": stats.tokens_per_second,
+                "plain_tokens_per_s": plain.stats.tokens_per_second,
+                "speedup": plain.stats.total_time / stats.total_time,
+                "identical": output.token_ids == plain.token_ids,
+                "new_tokens": stats.new_tokens,
+                "draft_s": stats.draft_time,
+                "verify_s": stats.verify_time,
+                "prefill_s": stats.prefill_time,
+            })
+            logger.info("%s", results[-1])
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    print("| input | depth,top-k,total | tau | msd tok/s | plain tok/s | speedup | identical | draft s | verify s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        print(
+            f"| {row['input']} | {row['tree']} | {row['tau']:.2f} | {row['msd_tokens_per_s']:.1f} | "
+            f"{row['plain_tokens_per_s']:.1f} | {row['speedup']:.2f}x | {'yes' if row['identical'] else 'NO'} | "
+            f"{row['draft_s']:.2f} | {row['verify_s']:.2f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="target folder")
+    parser.add_argument("--draft", required=True, help="draft folder")
+    parser.add_argument("--image", action="append", default=[], help="an image to describe (repeatable)")
+    parser.add_argument("--held-out", type=Path, help="JSONL rows whose first human messages are text prompts")
+    parser.add_argument("--text-prompts", type=int, default=3, help="held-out text prompts to use (default 3)")
+    parser.add_argument("--trees", nargs="+", type=parse_tree, default=[TreeParams(4, 3, 10)],
+                        help="tree settings as depth,top_k,total_tokens (default 4,3,10)")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--json", type=Path, help="also write the result rows to this JSON file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    target = load_target(args.target, dtype="float32", device="cpu")
+    draft = DraftModel.from_pretrained(args.draft)
+    cases = [(Path(path).stem, build_inputs(target.processor, IMAGE_PROMPT, [load_image(path)])) for path in args.image]
+    if args.held_out:
+        for index, prompt in enumerate(held_out_prompts(args.held_out, args.text_prompts)):
+            cases.append((f"text{index}", build_inputs(target.processor, prompt, [])))
+    with torch.inference_mode():
+        SpeculativeGenerator(target, None).generate(cases[0][1], max_new_tokens=4)  # warm-up
+        results = measure(target, draft, cases, args.trees, args.max_new_tokens)
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
