@@ -54,7 +54,8 @@ benchmarks: embedded-setup
 	$(BIN)/msd bench --target "$$target" --draft $(DEMO_DRAFT) --dtype float32 --data $(BENCH_DATA) \
 		--image-folder src/msd/evaluate/local_task/images --methods msd,prompt-lookup $(BENCH_OPTIONS) \
 		--output $(BENCH_OUTPUT) || exit 1; \
-	$(BIN)/python benchmarks/make_benchmarks_md.py $(BENCH_OUTPUT)/report.json > BENCHMARKS.md
+	$(BIN)/python benchmarks/make_benchmarks_md.py $(BENCH_OUTPUT)/report.json \
+		--notes benchmarks/default_model/NOTES.md > BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
