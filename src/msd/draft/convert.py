@@ -48,7 +48,7 @@ def weight_name_map(draft: DraftModel) -> dict[str, str]:
 
 
 def read_research_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The weights of a research checkpoint folder, on the CPU."""
+    """Load the weights of a research checkpoint folder onto the CPU."""
     for file_name in RESEARCH_WEIGHT_FILES:
         path = folder / file_name
         if not path.is_file():

@@ -72,7 +72,7 @@ def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_sta
 
 
 def find_resume_checkpoint(resume: str | Path | bool, output_dir: Path) -> Path:
-    """The checkpoint to resume from: an explicit folder, or the newest one in `output_dir` when `resume` is True."""
+    """Find the checkpoint to resume from: an explicit folder, or the newest one in `output_dir` when `resume` is True."""
     if resume is True:
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:

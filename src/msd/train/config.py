@@ -92,7 +92,7 @@ class TrainConfig:
             raise MSDError(f"invalid training options: {error}") from None
 
     def with_overrides(self, **overrides) -> TrainConfig:
-        """A copy with the given top-level options replaced; None values are ignored."""
+        """Return a copy with the given top-level options replaced. None values are ignored."""
         return replace(self, **{name: value for name, value in overrides.items() if value is not None})
 
 

@@ -64,7 +64,7 @@ class CurriculumConfig:
 
 @dataclass
 class CurriculumPosition:
-    """Where a run stands: the epoch, optimizer steps done in it, and stream positions at the epoch's start."""
+    """Position of a run: the epoch, optimizer steps done in it, and stream positions at the epoch's start."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -127,7 +127,7 @@ class Curriculum:
         return max(int(round(draws)) // self.draws_per_step, 1)
 
     def plan(self, epoch: int, first_step: int, position: CurriculumPosition) -> EpochPlan:
-        """The samples of `epoch`; `position` gives the stream positions at the epoch's start."""
+        """List the samples of `epoch`. `position` gives the stream positions at the epoch's start."""
         steps = self.epoch_steps(epoch, first_step)
         draws = steps * self.draws_per_step
         rng = np.random.default_rng([self.seed, epoch])
@@ -146,7 +146,7 @@ class Curriculum:
         return EpochPlan(sources=sources, indices=indices)
 
     def advance(self, position: CurriculumPosition, plan: EpochPlan) -> CurriculumPosition:
-        """The position at the start of the epoch after the one `plan` covers."""
+        """Compute the position at the start of the epoch after the one `plan` covers."""
         multimodal = int(plan.sources.sum())
         return CurriculumPosition(
             epoch=position.epoch + 1,

@@ -44,7 +44,7 @@ def open_feature_folder(folder: str | Path):
         raise MSDError(f"feature folder not found: {folder}. Write it with `msd prepare-data` first.")
     dataset = FeatureDataset(folder)
     if len(dataset) == 0:
-        raise MSDError(f"feature folder {folder} holds no samples. Run `msd prepare-data` on a non-empty data set.")
+        raise MSDError(f"feature folder {folder} contains no samples. Run `msd prepare-data` on a non-empty data set.")
     return dataset
 
 
@@ -56,13 +56,13 @@ def default_collate():
 
 
 def check_features_fit(dataset, target, label: str, kind: str) -> None:
-    """Raise MSDError unless `dataset` holds `kind` features ("text" or "vision") made by a target like `target`."""
+    """Raise MSDError unless `dataset` contains `kind` features ("text" or "vision") made by a target like `target`."""
     if len(dataset) == 0:
-        raise MSDError(f"the {label} feature set holds no samples. Run `msd prepare-data` on a non-empty data set.")
+        raise MSDError(f"the {label} feature set contains no samples. Run `msd prepare-data` on a non-empty data set.")
     settings = dataset.card.get("settings", {})
     if settings.get("kind") != kind:
         raise MSDError(
-            f"the {label} feature set holds {settings.get('kind')!r} features, expected {kind!r}. "
+            f"the {label} feature set contains {settings.get('kind')!r} features, expected {kind!r}. "
             "Pass text features with --text-data and multimodal features with --vision-data."
         )
     expected = {
@@ -85,7 +85,7 @@ def check_features_fit(dataset, target, label: str, kind: str) -> None:
 def split_source(name: str, dataset, eval_samples: int, seed: int) -> FeatureSource:
     """Hold out min(eval_samples, max(size / 10, 1)) samples, chosen by a seeded permutation, for evaluation.
 
-    A source of one sample holds nothing out, so it is still trained on.
+    A source of one sample keeps no sample out, so it is still trained on.
     """
     size = len(dataset)
     held_count = min(eval_samples, max(size // HELD_OUT_FRACTION, 1)) if size > 1 else 0

@@ -83,13 +83,13 @@ class LossOutput:
 def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
     """Shift a feature batch (the `collate_features` contract) into draft slots.
 
-    The attention mask is causal over the slots and hides padded keys; each slot always sees itself, so a padded
+    The attention mask is causal over the slots and hides padded keys; each slot always attends to itself, so a padded
     slot's attention row is never empty (its output is excluded from the loss anyway).
     """
     input_ids = batch["input_ids"]  # (B, T)
     if input_ids.shape[1] < 3:
         raise MSDError(
-            f"feature sequences must hold at least 3 tokens for one training slot, got {input_ids.shape[1]}. "
+            f"feature sequences must contain at least 3 tokens for one training slot, got {input_ids.shape[1]}. "
             "Drop such samples when preparing the data."
         )
     hidden = batch["hidden_states"]  # (B, T, H)

@@ -39,7 +39,7 @@ SEQUENCE_KEYS = ("input_ids", "hidden_states", "visual_embeds", "visual_mask", "
 
 
 def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Accelerator:
-    """An Accelerator for `config`; the launch configuration (DDP, DeepSpeed) comes from `accelerate launch`."""
+    """Create an Accelerator for `config`. The launch configuration (DDP, DeepSpeed) comes from `accelerate launch`."""
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
@@ -357,7 +357,7 @@ class _PlanSamples(torch.utils.data.Dataset):
 
 
 def _noise_seed(seed: int, rank: int, step: int, keys) -> int:
-    """A noise seed from the run seed, process, step and samples: resumed runs draw the same noise."""
+    """Derive a noise seed from the run seed, process, step and samples: resumed runs draw the same noise."""
     flat = [seed, rank, step] + [value for key in keys for value in key]
     return int(np.random.SeedSequence(flat).generate_state(1, dtype=np.uint64)[0] >> 1)
 
