@@ -1,4 +1,8 @@
-"""LLaVA-1.5 and LLaVA-1.6 targets through `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`."""
+"""LLaVA-1.5 targets (llava-hf checkpoints) through transformers' `LlavaForConditionalGeneration`.
+
+NOTE: LLaVA-1.6 (`llava_next`) packs each image's tiles with a newline embedding, so its visual features need that
+packing here before it can be added to `model_types`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from msd.targets.base import TargetAdapter
 class LlavaAdapter(TargetAdapter):
     """LLaVA: a vision tower and projector feed a decoder with ordinary 1-D rotary positions."""
 
-    model_types = ("llava", "llava_next")
+    model_types = ("llava",)
     position_rows = 1
 
     @property
