@@ -136,7 +136,7 @@ class MSDModel(lmms):
 
 
 class LlavaMSD(MSDModel):
-    model_types = ("llava", "llava_next")
+    model_types = ("llava",)
 
 
 class Qwen2VLMSD(MSDModel):
