@@ -90,3 +90,18 @@ def test_bad_tree_option_is_clear_error(saved, capsys):
     code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--depth", "0"])
     assert code == 2
     assert "depth must be at least 1" in capsys.readouterr().err
+
+
+def test_draft_for_other_target_is_clear_error(saved, tmp_path, capsys):
+    # A draft built for a Qwen2-VL target must be rejected by name before any decoding starts.
+    from tiny_models import TinyQwen2VL
+
+    qwen = TinyQwen2VL(seed=0, dtype=torch.float32)
+    DraftModel(DraftConfig.for_target(adapter_for(qwen.model))).save_pretrained(tmp_path / "qwen-draft")
+    code = main([
+        "generate", "--target", str(saved / "target"), "--draft", str(tmp_path / "qwen-draft"), "--prompt", "hi",
+    ])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "does not fit" in err
+    assert "Traceback" not in err

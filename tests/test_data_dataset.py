@@ -33,7 +33,8 @@ def folder(tmp_path_factory):
 def test_samples(folder):
     dataset = FeatureDataset(folder)
     assert len(dataset) == 2
-    assert dataset.kind == "vision" and dataset.position_rows == 1
+    assert dataset.kind == "vision"
+    assert dataset.position_rows == 1
     image, text = dataset[0], dataset[1]
     length = image["input_ids"].shape[0]
     assert image["input_ids"].dtype == torch.long
@@ -41,7 +42,8 @@ def test_samples(folder):
     assert image["visual_embeds"].shape == (int(image["visual_mask"].sum()), dataset.hidden_size)
     assert text["visual_embeds"].shape == (0, dataset.hidden_size)
     assert torch.equal(image["position_ids"], torch.arange(length).view(1, length))
-    assert image["loss_mask"].dtype == torch.bool and image["loss_mask"].any()
+    assert image["loss_mask"].dtype == torch.bool
+    assert image["loss_mask"].any()
     assert dataset.lengths == [length, text["input_ids"].shape[0]]
 
 

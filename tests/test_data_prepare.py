@@ -84,7 +84,8 @@ def check_against_direct_forward(target, rows, folder, image_root):
 def test_llava_records_match_direct_forward(llava_target, image_root, tmp_path):
     settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="llava_v15_v", store_dtype="float16", image_root=image_root)
     summary = prepare_features(llava_target, ROWS, settings)
-    assert summary.stored == 3 and summary.skipped == {}
+    assert summary.stored == 3
+    assert summary.skipped == {}
     for stored, _, _ in check_against_direct_forward(llava_target, ROWS, settings.output, image_root):
         assert "position_ids" not in stored  # 1-D positions are rebuilt as arange(T)
     assert stored_samples(settings.output)[2]["visual_mask"].sum() == 2 * llava_target.config.image_seq_length
@@ -113,9 +114,11 @@ def test_card_and_dataset(qwen_target, image_root, tmp_path):
     assert card["settings"]["target_model_type"] == "qwen2_vl"
     assert card["settings"]["hidden_size"] == qwen_target.hidden_size
     assert card["settings"]["vocab_size"] == qwen_target.vocab_size
-    assert card["settings"]["kind"] == "vision" and card["settings"]["kind_name"] == "qwen2_vl_v"
+    assert card["settings"]["kind"] == "vision"
+    assert card["settings"]["kind_name"] == "qwen2_vl_v"
     assert card["settings"]["dtype"] == "bfloat16"
-    assert card["counts"]["samples"] == 3 and card["counts"]["shards"] == 2
+    assert card["counts"]["samples"] == 3
+    assert card["counts"]["shards"] == 2
     assert card["size_bytes"] > 0
 
     dataset = FeatureDataset(settings.output)

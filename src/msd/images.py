@@ -20,7 +20,7 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise MSDError(f"image path is not a file: {path}.")
     # Some libraries (lmms-eval among them) set Pillow's process-wide LOAD_TRUNCATED_IMAGES on import, which would
-    # turn a truncated file into a silently padded picture; decode strictly here and restore the setting after.
+    # turn a truncated file into a silently padded picture. Decode strictly here and restore the setting after.
     lenient = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:

@@ -12,19 +12,20 @@ from msd.cli.options import add_model_options, add_sampling_options, add_tree_op
 from msd.errors import MSDError
 
 DESCRIPTION = """\
-Generate an answer for one prompt and its images with speculative decoding. The answer streams to standard output;
-statistics go to standard error. Without --draft the target decodes alone (plain decoding).
+Generate a response to one prompt and its images with speculative decoding. The response streams to standard
+output, and statistics go to standard error. Without --draft the target decodes alone (plain decoding).
 """
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate an answer for images and a prompt",
+        help="generate a response to images and a prompt",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(parser)
+
     parser.add_argument(
         "--image",
         action="append",
@@ -40,18 +41,25 @@ def register(subparsers) -> None:
         help="send --prompt to the processor unchanged, without the chat template; it must then contain the "
         "model's own image token once per image",
     )
+
     parser.add_argument("--max-new-tokens", type=int, default=256, help="maximum tokens to generate (default 256)")
     parser.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT", help="stop once the answer contains TEXT; repeatable"
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop once the generated text contains TEXT; repeatable",
     )
+
     add_sampling_options(parser)
     add_tree_options(parser)
+
     parser.add_argument(
         "--compare",
         action="store_true",
         help="also run plain decoding on the same input and print the speedup and whether both outputs are identical",
     )
-    parser.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
+    parser.add_argument("--no-stream", action="store_true", help="print the response once it is complete")
     parser.add_argument("--stats-json", metavar="FILE", help="also write the statistics as JSON to FILE")
     parser.set_defaults(handler=run)
 
@@ -73,8 +81,7 @@ def run(arguments: argparse.Namespace) -> int:
     inputs = build_inputs(target.processor, arguments.prompt, images, raw_prompt=arguments.raw_prompt)
     draft = None
     if arguments.draft:
-        draft = DraftModel.from_pretrained(arguments.draft)
-        draft.config.check_fits(target)
+        draft = DraftModel.from_pretrained(arguments.draft)  # the generator checks that it fits the target
     generator = SpeculativeGenerator(target, draft, tree)
     tokenizer = generator.tokenizer
 

@@ -12,7 +12,7 @@ the token it embeds, so a visual slot keeps its image-grid position under Qwen2-
 1-D rotary positions this is the research code's numbering shifted by one, which rotary attention does not see.
 
 The token embedding and the LM head belong to the target. The draft borrows them through `attach` and neither
-stores nor saves them; with a reduced draft vocabulary the head is the target's rows for those tokens.
+stores nor saves them. With a reduced draft vocabulary the head is the target's rows for those tokens.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def assemble_llava(
     """Build a LLaVA model and processor around pretrained LM and vision weights.
 
     `tokenizer` gains the `<image>` token (it is modified in place). The new embedding row is the mean of the LM's
-    embeddings, so with tied embeddings the LM head never favours `<image>`. `projector_state` holds
+    embeddings, so with tied embeddings the LM head never favours `<image>`. `projector_state` contains
     `linear_1.*`/`linear_2.*` tensors of `LlavaMultiModalProjector`; without it the projector keeps the
     initialisation drawn with `seed`. Images are resized to `image_size` square and give (image_size / patch)^2
     visual tokens each.

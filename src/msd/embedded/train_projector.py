@@ -65,7 +65,7 @@ def train_projector(
 ) -> Path:
     """Train the projector of the target folder `target` and write it to `output` when the run completes.
 
-    `work_dir` holds the vision feature cache and the checkpoint; an existing checkpoint there is resumed.
+    `work_dir` contains the vision feature cache and the checkpoint; an existing checkpoint there is resumed.
     `stop_after` ends this sitting after that many steps (a checkpoint is written), leaving the run resumable.
     Returns `output`, or the checkpoint folder when the sitting stopped early.
     """

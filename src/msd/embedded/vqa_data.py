@@ -63,7 +63,7 @@ def load_easy_vqa(split: str, max_images: int | None = None) -> tuple[list[VQAEx
 
 
 def vision_fingerprint(model, processor) -> str:
-    """A digest of everything that decides the vision features: encoder config, feature layer, preprocessing."""
+    """Compute a digest of everything that decides the vision features: encoder config, feature layer, preprocessing."""
     description = {
         "vision_config": model.config.vision_config.to_dict(),
         "vision_feature_layer": model.config.vision_feature_layer,

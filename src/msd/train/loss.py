@@ -83,7 +83,7 @@ class LossOutput:
 def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
     """Shift a feature batch (the `collate_features` contract) into draft slots.
 
-    The attention mask is causal over the slots and hides padded keys; each slot always attends to itself, so a padded
+    The attention mask is causal over the slots and hides padded keys. Each slot always attends to itself, so a padded
     slot's attention row is never empty (its output is excluded from the loss anyway).
     """
     input_ids = batch["input_ids"]  # (B, T)
