@@ -15,7 +15,7 @@ from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
 from msd.evaluate.bench import BenchSettings, SampleRecord, processor_inputs, run_bench
 from msd.evaluate.method_setup import build_methods, check_draft_kind
-from msd.evaluate.methods import EngineMethod, GenerationLimits, Method, MethodRun
+from msd.evaluate.methods import METHOD_NAMES, EngineMethod, GenerationLimits, Method, MethodRun
 from msd.evaluate.report import all_identical, summarize, write_report
 from msd.evaluate.samples import EvalSample, load_samples
 from msd.targets import adapter_for
@@ -263,13 +263,13 @@ def test_cli_bench_end_to_end(tmp_path, llava):
         "--eagle-draft", str(tmp_path / "eagle"), "--assistant", str(tmp_path / "assistant"),
         "--data", str(data), "--max-new-tokens", "6", "--total-tokens", "6", "--depth", "2",
         "--tune-tree", "--tune-sizes", "4,8", "--tune-depths", "1,2", "--tune-pilot-tokens", "4",
-        "--output", str(tmp_path / "out"), "--no-progress",
+        "--methods", "generate,msd,eagle,prompt-lookup,assisted", "--output", str(tmp_path / "out"), "--no-progress",
     ])
     assert code == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     ran = set(report["summary"])
-    assert {"plain", "msd", "eagle", "assisted"} <= ran
-    assert ran | set(report["context"]["skipped_methods"]) == {"plain", "msd", "eagle", "assisted", "prompt-lookup"}
+    assert {"plain", "generate", "msd", "eagle", "assisted"} <= ran
+    assert ran | set(report["context"]["skipped_methods"]) == set(METHOD_NAMES)
     chosen = report["context"]["tree_tuning"]["chosen"]
     assert chosen["total_tokens"] in (4, 8)
     assert chosen["depth"] in (1, 2)

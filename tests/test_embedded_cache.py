@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from msd.embedded import cache
+from msd.embedded.build import build_default_target
 from msd.embedded.cache import CHECKSUM_FILE, RECIPE_FILE, build_cached, default_cache_root, is_current
 from msd.embedded.projector import read_projector, write_projector
 from msd.embedded.sources import LANGUAGE_PACKAGE, WeightPackage, install_commands, locate
@@ -173,3 +174,9 @@ def test_ambiguous_position_embeddings_raise():
     initializers = {"a": np.ones((1, 1, 384), np.float32), "b": np.ones((1, 1, 384), np.float32)}
     with pytest.raises(MSDError, match="position embeddings"):
         position_embeddings(initializers)
+
+
+def test_build_rejects_projector_file_with_untrained_option(tmp_path):
+    # a trained projector file and the untrained starting point contradict each other
+    with pytest.raises(MSDError, match="either a projector file"):
+        build_default_target(tmp_path / "target", projector=tmp_path / "p.safetensors", untrained_projector=True)

@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from msd.cli import main
 from msd.data import FeatureDataset
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
 from msd.errors import MSDError
+from msd.evaluate.method_setup import check_draft_kind
 from msd.train import CurriculumConfig, DraftTrainer, TrainConfig
 from msd.train.checkpoint import list_checkpoints
 from tiny_models import llava_inputs, random_image
@@ -81,6 +83,39 @@ def test_checkpoints_load_and_rotate(tmp_path, setup):
     assert drafted.token_ids == plain.token_ids
 
 
+def test_ablation_draft_trains_without_decoupling(tmp_path, setup):
+    # decouple_visual=False trains the EAGLE-style ablation: saved as such, accepted by bench's eagle method only,
+    # and lossless like any draft
+    target, text, vision = setup
+    final = DraftTrainer(config(epochs=1, decouple_visual=False), target, text, vision, tmp_path).train()
+    draft = DraftModel.from_pretrained(final)
+    assert draft.config.decouple_visual is False
+    check_draft_kind("eagle", draft)
+    with pytest.raises(MSDError, match="decouple_visual"):
+        check_draft_kind("msd", draft)
+
+    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
+    plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=8)
+    drafted = SpeculativeGenerator(target, draft, TreeParams(depth=3, top_k=2, total_tokens=6)).generate(
+        inputs, max_new_tokens=8
+    )
+    assert drafted.token_ids == plain.token_ids
+
+
+def test_cli_flag_trains_the_ablation(tmp_path, setup):
+    # `msd train --no-decouple-visual` reaches the fresh draft's config; without the flag the draft is decoupled
+    target, text, vision = setup
+    target.model.save_pretrained(tmp_path / "target")
+    target.processor.save_pretrained(tmp_path / "target")
+    common = ["train", "--target", str(tmp_path / "target"), "--text-data", str(text.folder),
+              "--vision-data", str(vision.folder), "--epochs", "1", "--micro-batch-size", "2", "--mixed-precision", "no",
+              "--eval-samples", "0", "--warmup-steps", "1"]
+    assert main(common + ["--output", str(tmp_path / "eagle"), "--no-decouple-visual"]) == 0
+    assert main(common + ["--output", str(tmp_path / "msd")]) == 0
+    assert DraftModel.from_pretrained(tmp_path / "eagle" / "draft").config.decouple_visual is False
+    assert DraftModel.from_pretrained(tmp_path / "msd" / "draft").config.decouple_visual is True
+
+
 def test_metrics_include_heldout_agreement(tmp_path, setup, caplog):
     target, text, vision = setup
     trainer = DraftTrainer(config(eval_samples=1, epochs=1), target, text, vision, tmp_path)
@@ -111,6 +146,24 @@ def test_empty_or_missing_folder_raises(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MSDError):
         open_feature_folder(tmp_path / "empty")
+
+
+def test_several_folders_train_as_one_source(tmp_path, setup):
+    # two text folders read as one dataset in order; a vision folder cannot join them
+    from msd.train.data import open_feature_folders
+
+    target, text, vision = setup
+    extra = prepare_folder(target, tmp_path / "extra", 3, "text", answer_tokens=6)
+    combined = open_feature_folders([text.folder, extra.folder])
+    assert len(combined) == len(text) + len(extra)
+    assert torch.equal(combined[len(text)]["input_ids"], extra[0]["input_ids"])
+    assert len(open_feature_folders([text.folder])) == len(text)
+
+    final = DraftTrainer(config(epochs=1), target, combined, vision, tmp_path / "run").train()
+    assert (final / "model.safetensors").is_file()
+
+    with pytest.raises(MSDError, match="kind"):
+        open_feature_folders([text.folder, vision.folder])
 
 
 def test_nan_loss_names_step_and_samples(tmp_path, setup):

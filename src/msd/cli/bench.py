@@ -18,8 +18,9 @@ DESCRIPTION = """\
 Measure decoding methods on an evaluation set: for each sample, plain decoding and every requested method decode the
 same inputs in the same process, batch 1, greedily, after a warm-up, in rotating order.
 
-Methods: plain (the target alone, the baseline), msd (--draft), eagle (--eagle-draft: a draft that does not decouple
-visual tokens, for the ablation), prompt-lookup (transformers' prompt-lookup decoding) and assisted (transformers'
+Methods: plain (the target alone in msd's loop, the baseline), generate (the target alone through transformers'
+`generate`, to check that the baseline is not slower than transformers), msd (--draft), eagle (--eagle-draft: a draft
+that does not decouple visual tokens, for the ablation), prompt-lookup (transformers' prompt-lookup decoding) and assisted (transformers'
 assisted generation with --assistant). transformers' methods are timed end to end only; a method transformers cannot
 run on the target is skipped and listed in the report.
 
@@ -116,7 +117,9 @@ def run(arguments: argparse.Namespace) -> int:
     tree = tree_from(arguments)
     samples = load_samples(arguments.data, arguments.image_folder, arguments.split, arguments.limit)
 
-    target = load_target(arguments.target, dtype=arguments.dtype, device=arguments.device)
+    target = load_target(
+        arguments.target, dtype=arguments.dtype, device=arguments.device, cpu_linear_rows=arguments.cpu_linear_rows
+    )
     drafts = {
         "msd": DraftModel.from_pretrained(arguments.draft) if arguments.draft else None,
         "eagle": DraftModel.from_pretrained(arguments.eagle_draft) if arguments.eagle_draft else None,

@@ -41,6 +41,11 @@ def register(subparsers) -> None:
         metavar="FILE",
         help="projector safetensors file (default: the trained one shipped with msd, if any)",
     )
+    build.add_argument(
+        "--untrained-projector",
+        action="store_true",
+        help="keep the randomly initialised projector (seed 0), the starting point of train-projector",
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if the cached folder is up to date")
     build.set_defaults(handler=run_build)
 
@@ -71,6 +76,7 @@ def run_build(arguments: argparse.Namespace) -> int:
         image_size=arguments.image_size or DEFAULT_IMAGE_SIZE,
         projector=arguments.projector,
         force=arguments.force,
+        untrained_projector=arguments.untrained_projector,
     )
     print(folder)
     return 0

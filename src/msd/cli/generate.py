@@ -77,7 +77,9 @@ def run(arguments: argparse.Namespace) -> int:
     tree = tree_from(arguments)
     images = [load_image(path) for path in arguments.image]  # fail on a bad image before loading any model
 
-    target = load_target(arguments.target, dtype=arguments.dtype, device=arguments.device)
+    target = load_target(
+        arguments.target, dtype=arguments.dtype, device=arguments.device, cpu_linear_rows=arguments.cpu_linear_rows
+    )
     inputs = build_inputs(target.processor, arguments.prompt, images, raw_prompt=arguments.raw_prompt)
     draft = None
     if arguments.draft:

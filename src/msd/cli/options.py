@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from msd.errors import MSDError
+from msd.targets.cpu_linear import DEFAULT_MAX_ROWS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -26,6 +27,14 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         help="weight dtype; auto keeps the checkpoint's (default auto). On CPUs without bf16 support use float32",
     )
     parser.add_argument("--device", default="cpu", help="torch device, for example cpu or cuda:0 (default cpu)")
+    parser.add_argument(
+        "--cpu-linear-rows",
+        type=int,
+        default=DEFAULT_MAX_ROWS,
+        metavar="N",
+        help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens, which was faster for tree "
+        f"verification where measured; 0 keeps PyTorch's default (default {DEFAULT_MAX_ROWS})",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -46,8 +46,15 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--target", required=True, metavar="PATH", help="the target model: a local folder or a "
                         "Hugging Face model id (its embedding and LM head are used, frozen)")
-    parser.add_argument("--text-data", metavar="DIR", help="text features from `msd prepare-data --kind text`")
-    parser.add_argument("--vision-data", metavar="DIR", help="multimodal features from `msd prepare-data --kind vision`")
+    parser.add_argument(
+        "--text-data", nargs="+", metavar="DIR", help="text features from `msd prepare-data --kind text` (one or more)"
+    )
+    parser.add_argument(
+        "--vision-data",
+        nargs="+",
+        metavar="DIR",
+        help="multimodal features from `msd prepare-data --kind vision` (one or more)",
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for checkpoints and the final draft")
     parser.add_argument("--config", metavar="FILE", help="training config, JSON or YAML (see configs/)")
     parser.add_argument(
@@ -64,6 +71,13 @@ def register(subparsers) -> None:
     )
     for flag, (_, kind, text) in OVERRIDES.items():
         parser.add_argument(flag, type=kind, help=f"{text} (overrides the config)")
+    parser.add_argument(
+        "--no-decouple-visual",
+        dest="decouple_visual",
+        action="store_const",
+        const=False,
+        help="train the non-decoupled (EAGLE-style) ablation, which `msd bench --eagle-draft` compares with msd",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -72,14 +86,15 @@ def run(arguments: argparse.Namespace) -> int:
     from msd.errors import MSDError
     from msd.targets import load_target
     from msd.train import DraftTrainer, load_train_config, make_accelerator
-    from msd.train.data import open_feature_folder
+    from msd.train.data import open_feature_folders
 
     if not arguments.text_data and not arguments.vision_data:
         raise MSDError("no training data: pass --text-data, --vision-data or both.")
     overrides = {field: getattr(arguments, flag[2:].replace("-", "_")) for flag, (field, _, _) in OVERRIDES.items()}
+    overrides["decouple_visual"] = arguments.decouple_visual
     config = load_train_config(arguments.config).with_overrides(**overrides)
-    text_data = open_feature_folder(arguments.text_data) if arguments.text_data else None
-    vision_data = open_feature_folder(arguments.vision_data) if arguments.vision_data else None
+    text_data = open_feature_folders(arguments.text_data) if arguments.text_data else None
+    vision_data = open_feature_folders(arguments.vision_data) if arguments.vision_data else None
 
     accelerator = make_accelerator(config, arguments.output)
     target = load_target(arguments.target, dtype=arguments.target_dtype, device=accelerator.device)

@@ -21,6 +21,7 @@ from msd.embedded.language import load_language_model
 from msd.embedded.projector import PACKAGED_PROJECTOR, file_sha256, read_projector
 from msd.embedded.sources import LANGUAGE_PACKAGE, VISION_PACKAGE, WeightPackage, installed_version, locate
 from msd.embedded.vision import load_vision_model
+from msd.errors import MSDError
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +41,21 @@ def build_default_target(
     image_size: int = DEFAULT_IMAGE_SIZE,
     projector: Path | None = None,
     force: bool = False,
+    untrained_projector: bool = False,
 ) -> Path:
     """Build the default target into `folder` with `save_pretrained` unless a matching build is cached there.
 
     `projector` is a projector file from `msd embedded train-projector`; it defaults to the one kept in the msd
     source tree when that exists, and otherwise the projector stays randomly initialised (seed 0) and answers ignore
-    the image content. Returns the folder. Raises MSDError when a weight package or its reader is missing.
+    the image content. `untrained_projector` keeps that random initialisation even when a trained file exists: it is
+    the starting point of projector training. Returns the folder. Raises MSDError when a weight package or its reader
+    is missing.
     """
+    if untrained_projector and projector is not None:
+        raise MSDError("pass either a projector file or the untrained projector option, not both.")
     folder = Path(folder) if folder is not None else default_target_folder()
     language_file, vision_file = locate(LANGUAGE_PACKAGE), locate(VISION_PACKAGE)
-    if projector is None and PACKAGED_PROJECTOR.is_file():
+    if projector is None and not untrained_projector and PACKAGED_PROJECTOR.is_file():
         projector = PACKAGED_PROJECTOR
     recipe = {
         "format": BUILD_FORMAT,

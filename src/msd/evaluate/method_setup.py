@@ -39,6 +39,8 @@ def build_methods(
                 raise MSDError(f"method {name} needs a draft: pass --{'draft' if name == 'msd' else 'eagle-draft'}.")
             check_draft_kind(name, draft)
             methods.append(EngineMethod(name, SpeculativeGenerator(target, draft, tree, tokenizer)))
+        elif name == "generate":
+            methods.append(TransformersMethod(name, target, tokenizer))
         elif name == "prompt-lookup":
             methods.append(TransformersMethod(name, target, tokenizer, prompt_lookup_num_tokens=prompt_lookup_tokens))
         elif assistant is None:

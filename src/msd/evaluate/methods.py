@@ -5,7 +5,8 @@ Two kinds:
 - `EngineMethod` runs msd's own loop (`SpeculativeGenerator`): plain decoding (no draft), the MSD draft, or an
   EAGLE-style draft that does not decouple visual tokens. It reports prefill and decode time separately, target
   forwards and the accepted length of every cycle.
-- `TransformersMethod` runs `model.generate` with transformers' prompt-lookup or assisted decoding. transformers
+- `TransformersMethod` runs `model.generate`: plain (the `generate` method, a check that msd's own plain loop is as
+  fast as transformers'), or with transformers' prompt-lookup or assisted decoding. transformers
   exposes neither a prefill/decode split nor accepted lengths, so these runs are timed end to end, and their target
   forwards are counted with a forward hook on the target model.
 
@@ -26,7 +27,7 @@ from msd.decoding import SpeculativeGenerator
 from msd.targets.base import TargetAdapter
 
 #: method names in report order; `plain` is the baseline every other method is compared with
-METHOD_NAMES = ("plain", "msd", "eagle", "prompt-lookup", "assisted")
+METHOD_NAMES = ("plain", "generate", "msd", "eagle", "prompt-lookup", "assisted")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class EngineMethod(Method):
 
 
 class TransformersMethod(Method):
-    """`model.generate` with extra keyword arguments (prompt_lookup_num_tokens, assistant_model), timed end to end."""
+    """`model.generate`, alone or with extra keyword arguments (prompt_lookup_num_tokens, assistant_model), timed end
+    to end."""
 
     def __init__(self, name: str, target: TargetAdapter, tokenizer, **generate_options):
         self.name = name

@@ -44,6 +44,7 @@ class TrainConfig:
     num_workers: int = 0
     input_layernorm: bool = True  # False builds the EAGLE-1/2 layout without the decoder layer's input norm
     draft_vocab_size: int | None = None  # a fresh draft's reduced vocabulary (msd.train.vocab); None: the target's
+    decouple_visual: bool = True  # a fresh draft's visual handling; False trains the non-decoupled (EAGLE) ablation
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 

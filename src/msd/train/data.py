@@ -15,6 +15,7 @@ from pathlib import Path
 from zlib import crc32
 
 import numpy as np
+from torch.utils.data import ConcatDataset
 
 from msd.errors import MSDError
 
@@ -35,6 +36,10 @@ class FeatureSource:
         return len(self.train_indices)
 
 
+#: dataset-card settings that every folder of one training source must share
+SHARED_SETTINGS = ("kind", "target_model_type", "hidden_size", "vocab_size", "position_rows", "image_token_id")
+
+
 def open_feature_folder(folder: str | Path):
     """Open a folder written by `msd prepare-data`; a missing or empty folder raises MSDError."""
     from msd.data.dataset import FeatureDataset
@@ -46,6 +51,35 @@ def open_feature_folder(folder: str | Path):
     if len(dataset) == 0:
         raise MSDError(f"feature folder {folder} contains no samples. Run `msd prepare-data` on a non-empty data set.")
     return dataset
+
+
+class FeatureFolders(ConcatDataset):
+    """Several `msd prepare-data` folders of one kind, read as one dataset in the order given.
+
+    `card` is the first folder's card; the folders must agree on the settings in SHARED_SETTINGS.
+    """
+
+    def __init__(self, datasets: list):
+        super().__init__(datasets)
+        first = datasets[0]
+        for dataset in datasets[1:]:
+            differences = [
+                f"{name} {dataset.card['settings'].get(name)!r} (in {first.folder}: {first.card['settings'].get(name)!r})"
+                for name in SHARED_SETTINGS
+                if dataset.card["settings"].get(name) != first.card["settings"].get(name)
+            ]
+            if differences:
+                raise MSDError(
+                    f"the feature folder {dataset.folder} cannot be trained on together with {first.folder}: "
+                    + "; ".join(differences) + ". Pass folders of one kind, prepared with the same target."
+                )
+        self.card = first.card
+
+
+def open_feature_folders(folders: list[str | Path]):
+    """Open one or more `msd prepare-data` folders as one dataset (see `FeatureFolders`)."""
+    datasets = [open_feature_folder(folder) for folder in folders]
+    return datasets[0] if len(datasets) == 1 else FeatureFolders(datasets)
 
 
 def default_collate():

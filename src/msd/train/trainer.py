@@ -121,7 +121,10 @@ class DraftTrainer:
         if draft is None:
             torch.manual_seed(self.config.seed)
             config = DraftConfig.for_target(
-                target, input_layernorm=self.config.input_layernorm, draft_vocab_size=vocab_size
+                target,
+                input_layernorm=self.config.input_layernorm,
+                draft_vocab_size=vocab_size,
+                decouple_visual=self.config.decouple_visual,
             )
             draft = DraftModel(config)
             if vocab_size is not None:

@@ -1,0 +1,86 @@
+"""SmallBatchLinear: same product as nn.Linear, switched in place by load_target on CPU, decoding unchanged."""
+
+import pytest
+import torch
+from torch import nn
+
+from msd.decoding import SpeculativeGenerator, TreeParams
+from msd.draft import DraftConfig, DraftModel
+from msd.errors import MSDError
+from msd.targets import load_target
+from msd.targets.cpu_linear import SmallBatchLinear, use_small_batch_linears
+from tiny_models import build_llava, llava_inputs, random_image
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("leading", [(), (1,), (2,)])
+def test_matches_linear_for_all_row_counts(bias, leading):
+    # rows 0..12 cover the transposed product (1..8) and the F.linear fallback (0 and 9..12)
+    torch.manual_seed(0)
+    reference = nn.Linear(24, 40, bias=bias, dtype=torch.float64)
+    switched = nn.Linear(24, 40, bias=bias, dtype=torch.float64)
+    switched.load_state_dict(reference.state_dict())
+    use_small_batch_linears(switched)
+    for rows in range(13):
+        if leading == (2,) and rows % 2:
+            continue  # (2, rows / 2, 24) inputs need an even row count
+        shape = (*leading, rows // 2, 24) if leading == (2,) else (*leading, rows, 24)
+        inputs = torch.randn(shape, dtype=torch.float64)
+        expected = reference(inputs)
+        actual = switched(inputs)
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_switch_keeps_parameters_and_ties():
+    model, _ = build_llava(seed=0)
+    names_before = list(model.state_dict())
+    head = model.lm_head.weight
+    tied = head is model.get_input_embeddings().weight
+    linear_count = sum(type(layer) is nn.Linear for layer in model.modules())
+
+    changed = use_small_batch_linears(model)
+
+    assert changed == linear_count > 0
+    assert not any(type(layer) is nn.Linear for layer in model.modules())
+    assert model.lm_head.weight is head
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    assert list(model.state_dict()) == names_before
+
+
+def test_zero_rows_keeps_layers_and_negative_raises():
+    layer = nn.Linear(4, 4)
+    assert use_small_batch_linears(layer, max_rows=0) == 0
+    assert type(layer) is nn.Linear
+    with pytest.raises(MSDError, match="row limit"):
+        use_small_batch_linears(layer, max_rows=-1)
+
+
+@pytest.fixture(scope="module")
+def saved_target(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("target")
+    model, processor = build_llava(seed=3)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_load_target_switches_only_when_asked(saved_target):
+    default = load_target(saved_target, dtype="float64")
+    assert isinstance(default.lm_head, SmallBatchLinear)
+    stock = load_target(saved_target, dtype="float64", cpu_linear_rows=0)
+    assert type(stock.lm_head) is nn.Linear
+
+
+def test_switched_target_decodes_like_generate(saved_target):
+    # with the switched layers, tree decoding still equals transformers' generate on the same model, token for token
+    target = load_target(saved_target, dtype="float64")
+    torch.manual_seed(1)
+    draft = DraftModel(DraftConfig.for_target(target)).double()
+    inputs = llava_inputs(target.processor, "What is in this picture?", [random_image(60, 48, seed=2)])
+    expected = target.model.generate(**inputs, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    expected = expected[0, inputs["input_ids"].shape[1] :].tolist()
+
+    tree = TreeParams(depth=3, top_k=2, total_tokens=6)
+    output = SpeculativeGenerator(target, draft, tree).generate(inputs, max_new_tokens=16, eos_token_ids=[])
+    assert output.token_ids == expected
