@@ -5,7 +5,7 @@ follows it is only a placeholder answer, because `msd prepare-data --regenerate`
 greedy answer. Conversations are shuffled with a fixed seed, so the same arguments always give the same rows. The rows after
 the training rows in that order go to a second file as held-out prompts for measuring the draft.
 
-    python benchmarks/default_draft/make_text_rows.py --output runs/default-draft/rows.jsonl --rows 600
+    python benchmarks/default_draft/make_text_rows.py --output runs/default-model/text-rows.jsonl --rows 1000
 """
 
 from __future__ import annotations

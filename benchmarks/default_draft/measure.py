@@ -2,7 +2,7 @@
 --compare` does per call: tau, tokens/s, speedup (plain total time / msd total time) and token identity.
 
     python benchmarks/default_draft/measure.py --target "$(msd embedded build)" \
-        --draft src/msd/embedded/weights/draft --held-out runs/default-draft/rows.heldout.jsonl \
+        --draft src/msd/embedded/weights/draft --held-out runs/default-model/text-rows.heldout.jsonl \
         --image src/msd/evaluate/local_task/images/chelsea.jpg --trees 3,2,6 4,3,10 5,4,16
 
 Each input is decoded plainly once and then with every tree. Prints a Markdown table; --json also writes the rows.

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Rebuild the trained parts of the embedded default model from the installed packages (`make default-model`):
+#   1. the projector, trained on easy-VQA, starting from the untrained build;
+#   2. self-distilled features: chit-chat prompts, instruction prompts and real photos with description prompts,
+#      answered by the target with the new projector;
+#   3. the MSD draft (both stages) and, on the same samples in the same order, the non-decoupled ablation.
+# Every step resumes where it stopped when the script runs again, so it can be spread over several sittings.
+# Outputs: src/msd/embedded/weights/projector.safetensors, src/msd/embedded/weights/draft/ and
+# benchmarks/default_model/ablation-draft/; intermediate files go under $WORK (default runs/default-model).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+WORK=${WORK:-runs/default-model}
+PROJECTOR_STEPS=${PROJECTOR_STEPS:-300}
+TEXT_ROWS=${TEXT_ROWS:-624}  # the committed draft used the first 624 chit-chat prompts
+# One torch thread per process: on a 2-core machine, two single-threaded processes finish more work than one process
+# with two threads (self-distillation ran about 4x slower per row with two threads next to another job).
+THREADS=${THREADS:-1}
+PROJECTOR=src/msd/embedded/weights/projector.safetensors
+DRAFT=src/msd/embedded/weights/draft
+ABLATION=benchmarks/default_model/ablation-draft
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+log "1/5 projector ($PROJECTOR_STEPS steps of 16 easy-VQA examples)"
+base=$(msd embedded build --untrained-projector --output "$WORK/untrained-target")
+msd embedded train-projector --target "$base" --work-dir "$WORK/projector" --output "$PROJECTOR" \
+    --steps "$PROJECTOR_STEPS" --warmup-steps 20 --batch-size 16
+target=$(msd embedded build)  # the default target, now with the trained projector
+
+log "2/5 prompts"
+python benchmarks/default_draft/make_text_rows.py --output "$WORK/text-rows.jsonl" --rows "$TEXT_ROWS"
+python benchmarks/default_draft/make_instruction_rows.py --output "$WORK/instruction-rows.jsonl"
+python benchmarks/default_draft/make_image_rows.py --output "$WORK/image-rows.jsonl" --image-folder "$WORK/images"
+
+log "3/5 self-distilled features (two processes side by side)"
+OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/text-rows.jsonl" --kind text \
+    --regenerate --regenerate-max-tokens 64 --dtype float32 --shard-size 16 --limit "$TEXT_ROWS" \
+    --output "$WORK/text" &
+text_job=$!
+OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/image-rows.jsonl" --kind vision \
+    --image-root "$WORK/images" --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 \
+    --output "$WORK/vision" &
+vision_job=$!
+wait "$vision_job"
+for part in 0/2 1/2; do  # two parts, so the sample order matches the committed draft's two-process run
+    OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/instruction-rows.jsonl" --kind text \
+        --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 --shard "$part" \
+        --output "$WORK/instructions"
+done
+wait "$text_job"
+
+log "4/5 drafts: MSD and the non-decoupled ablation, side by side"
+train() {
+    local output=$1
+    shift
+    local resume=()
+    if compgen -G "$output/checkpoint-*" > /dev/null; then resume=(--resume); fi
+    OMP_NUM_THREADS=$THREADS msd train --config benchmarks/default_draft/train_two_stage.yaml --target "$target" \
+        --text-data "$WORK/text" "$WORK/instructions" --vision-data "$WORK/vision" --output "$output" \
+        "${resume[@]}" "$@"
+}
+train "$WORK/train-msd" &
+msd_job=$!
+train "$WORK/train-ablation" --no-decouple-visual &
+ablation_job=$!
+wait "$msd_job"
+wait "$ablation_job"
+
+log "5/5 float16 copies of the drafts"
+python - "$WORK/train-msd/draft" "$DRAFT" "$WORK/train-ablation/draft" "$ABLATION" <<'EOF'
+import sys
+
+import torch
+
+from msd.draft import DraftModel
+
+for source, destination in zip(sys.argv[1::2], sys.argv[2::2]):
+    DraftModel.from_pretrained(source, dtype=torch.float16).save_pretrained(destination)
+    print(f"wrote {destination}")
+EOF
