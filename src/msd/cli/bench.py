@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image-folder", metavar="DIR", help="folder that JSON image paths are relative to "
                         "(default: the JSON file's folder)")
     parser.add_argument("--split", default="test", help="split of a dataset folder (default test)")
-    parser.add_argument("--limit", type=int, help="measure only the first N samples")
+    parser.add_argument("--limit", type=int, metavar="N", help="measure only the first N samples")
     parser.add_argument("--max-new-tokens", type=int, help="maximum new tokens per sample (default 256; 512 with "
                         "--research-convention)")
     parser.add_argument("--stop", action="append", metavar="TEXT", help="stop string replacing every sample's own; "
@@ -69,7 +69,8 @@ def register(subparsers) -> None:
         help="generate exactly --max-new-tokens tokens (default 512) per sample, ignoring stop strings and "
         "end-of-sequence tokens: the protocol of published MSD speedups",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each method before measuring (default 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each method on the first sample before "
+                        "measuring (default 1)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="candidate tokens per prompt-lookup "
                         "step (default 10)")
     add_tree_options(parser)
@@ -79,8 +80,10 @@ def register(subparsers) -> None:
         help="choose --total-tokens and --depth for this machine by timing the target's forward at several tree "
         "sizes and the draft's proposals (needs --draft); the choice is logged and written to the report",
     )
-    parser.add_argument("--tune-sizes", default="16,32,48,64", help="tree sizes tried by --tune-tree")
-    parser.add_argument("--tune-depths", default="3,5,7", help="depths tried by --tune-tree")
+    parser.add_argument("--tune-sizes", default="16,32,48,64", help="tree sizes tried by --tune-tree, "
+                        "comma-separated (default 16,32,48,64; on CPUs try 4,6,8)")
+    parser.add_argument("--tune-depths", default="3,5,7", help="depths tried by --tune-tree, comma-separated "
+                        "(default 3,5,7)")
     parser.add_argument("--tune-pilot-tokens", type=int, default=64, help="tokens each --tune-tree pilot generates "
                         "to measure tau (default 64)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md and plots")

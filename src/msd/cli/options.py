@@ -32,8 +32,10 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         type=int,
         default=DEFAULT_MAX_ROWS,
         metavar="N",
-        help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens, which was faster for tree "
-        f"verification where measured; 0 keeps PyTorch's default (default {DEFAULT_MAX_ROWS})",
+        help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens. On the 2-core Zen 3 CPU msd "
+        "is developed on, this made a 4-token verification forward cost about one plain step instead of 1.6; "
+        "benchmarks/default_model/verify_cost.py measures it on yours. 0 keeps PyTorch's layers "
+        f"(default {DEFAULT_MAX_ROWS})",
     )
 
 
@@ -68,8 +70,9 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         "--total-tokens",
         type=int,
         default=48,
-        help="tree size in tokens, root included: the tokens the target verifies per forward (default 48; "
-        "smaller trees suit CPUs)",
+        help="tree size in tokens, root included: the tokens the target verifies per forward (default 48, sized for "
+        "GPUs; on CPUs small trees such as --depth 3 --tree-top-k 1 --total-tokens 4 do better, and msd bench "
+        "--tune-tree picks one by measurement)",
     )
 
 
