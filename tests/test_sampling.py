@@ -11,18 +11,25 @@ from scipy.stats import chisquare
 
 from msd.decoding import SamplingParams, SpeculativeGenerator, TokenChooser, TreeParams
 from msd.targets import adapter_for
+from msd.targets.cpu_linear import use_small_batch_linears
 from oracle import OracleDrafter
 from tiny_models import build_llava, llava_inputs
 
 SAMPLES = 700
 
 
-@pytest.fixture(scope="module")
-def peaked():
-    """A one-layer tiny LLaVA whose LM head is scaled up, so its next-token distributions have a small support."""
+@pytest.fixture(scope="module", params=["stock_linears", "small_batch_linears"])
+def peaked(request):
+    """A one-layer tiny LLaVA whose LM head is scaled up, so its next-token distributions have a small support.
+
+    It runs once with PyTorch's linear layers and once with the `SmallBatchLinear` layers that `load_target` uses on
+    CPUs, whose few-token forwards (tree verification) take another kernel.
+    """
     model, processor = build_llava(seed=11, layers=1)
     with torch.no_grad():
         model.lm_head.weight.mul_(25.0)
+    if request.param == "small_batch_linears":
+        use_small_batch_linears(model)
     inputs = llava_inputs(processor, "Hi", [])
     return model, adapter_for(model), inputs
 

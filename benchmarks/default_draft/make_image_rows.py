@@ -44,7 +44,7 @@ PROMPTS = (
 
 
 def held_out_names(path: Path) -> set[str]:
-    """Stems of the images that the benchmark uses, which training must not see."""
+    """Return the stems of the images that the benchmark uses, which training must not see."""
     names = set()
     with open(path, encoding="utf-8") as handle:
         for line in handle:
@@ -55,10 +55,10 @@ def held_out_names(path: Path) -> set[str]:
 
 
 def opencv_images(folder: Path) -> list[Path]:
-    """Picture files of opencv-doc, one per numbered series (left01, left02, ... keep left01)."""
+    """List the picture files of opencv-doc, one per numbered series (of left01, left02, ... keep left01)."""
     if not folder.is_dir():
         raise SystemExit(f"{folder} not found: install the Debian package opencv-doc (apt-get install opencv-doc).")
-    kept, series = [], set()
+    pictures, series = [], set()
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
@@ -66,12 +66,12 @@ def opencv_images(folder: Path) -> list[Path]:
         if stem in series:
             continue
         series.add(stem)
-        kept.append(path)
-    return kept
+        pictures.append(path)
+    return pictures
 
 
 def skimage_images(excluded: set[str]) -> dict[str, Image.Image]:
-    """2-D and RGB pictures of skimage.data that ship in the wheel (entries that need a download are skipped)."""
+    """Load the 2-D and RGB pictures of skimage.data that ship in the wheel, skipping entries that need a download."""
     import numpy as np
     import skimage.data
 

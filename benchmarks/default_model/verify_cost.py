@@ -95,13 +95,13 @@ def cycle_costs(target, draft, inputs, trees, max_new_tokens: int) -> list[dict]
 
 
 def markdown(costs: dict[int, float], cycles: list[dict], context: str) -> str:
-    one = costs[1]
+    plain_step = costs[1]
     lines = ["## What bounds the speedup here", "", context, "",
              "Cost of one target forward over n tokens, relative to one token (a plain decoding step):", "",
              "| n | " + " | ".join(str(n) for n in costs) + " |",
              "| --- |" + " ---: |" * len(costs),
              "| ms | " + " | ".join(f"{1000 * value:.0f}" for value in costs.values()) + " |",
-             "| t(n) / t(1) | " + " | ".join(f"{value / one:.2f}" for value in costs.values()) + " |", ""]
+             "| t(n) / t(1) | " + " | ".join(f"{value / plain_step:.2f}" for value in costs.values()) + " |", ""]
     lines += ["Per tree setting (depth d, top-k, N tree nodes with the root): time per cycle, measured tau and speedup, and the "
               "two ceilings from the module docstring of `benchmarks/default_model/verify_cost.py`:", "",
               "| d, top-k, N | draft ms | verify ms | plain step ms | tau | measured speedup | "
@@ -111,7 +111,7 @@ def markdown(costs: dict[int, float], cycles: list[dict], context: str) -> str:
         tree = row["tree"]
         gained = tree["depth"] + 1
         verify = costs.get(tree["total_tokens"])
-        free = f"{gained * one / verify:.2f}x" if verify else "n/a"
+        free = f"{gained * plain_step / verify:.2f}x" if verify else "n/a"
         with_draft = gained * row["plain_ms_per_step"] / (row["draft_ms_per_cycle"] + row["verify_ms_per_cycle"])
         lines.append(
             f"| {tree['depth']}, {tree['top_k']}, {tree['total_tokens']} | {row['draft_ms_per_cycle']:.0f} | "
