@@ -117,6 +117,8 @@ def test_accelerate_process_takes_its_part(workspace, tmp_path, monkeypatch):
 def test_bad_option_exits_with_message(workspace, tmp_path, capsys):
     assert main(arguments(workspace, tmp_path / "out") + ["--shard", "3/2"]) == 2
     assert "invalid shard 3/2" in capsys.readouterr().err
+    assert main(arguments(workspace, tmp_path / "out") + ["--regenerate", "--regenerate-batch-size", "0"]) == 2
+    assert "--regenerate-batch-size must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -203,3 +203,40 @@ def test_regenerate_uses_target_answers(llava_target, tmp_path):
     answer_text = processor.tokenizer.decode(stored["input_ids"][stored["loss_mask"].bool()].tolist())
     assert answer_text == f" {answer.strip()}</s>"
     assert "Numbers 0 1 2 make words." not in processor.tokenizer.decode(stored["input_ids"].tolist())
+
+
+@pytest.mark.parametrize("target_name", ["llava_target", "qwen_target"])
+def test_batched_regenerate_matches_one_by_one(target_name, image_root, tmp_path, request):
+    # Rows of different lengths, with 0, 1 and 2 images and a two-turn conversation, answered in one left-padded
+    # batch, must store the same samples as rows answered one at a time.
+    target = request.getfixturevalue(target_name)
+    stored = {}
+    for batch_size in (1, 3):
+        settings = PrepareSettings(
+            max_length=1000, output=tmp_path / f"batch-{batch_size}", kind="vision", image_root=image_root,
+            regenerate=True, regenerate_max_tokens=6, regenerate_batch_size=batch_size,
+        )
+        assert prepare_features(target, ROWS, settings).stored == 3
+        stored[batch_size] = stored_samples(settings.output)
+
+    for one, batched in zip(stored[1], stored[3]):
+        assert torch.equal(one["input_ids"], batched["input_ids"])
+        assert torch.equal(one["loss_mask"], batched["loss_mask"])
+    answers = [sample["input_ids"][sample["loss_mask"].bool()].tolist() for sample in stored[1]]
+    assert len({tuple(answer) for answer in answers}) == 3  # the rows got different answers
+
+
+def test_regenerate_answers_each_turn(llava_target, tmp_path):
+    # The second answer is generated after the regenerated first one, so both turns hold target answers.
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="text", regenerate=True, regenerate_max_tokens=4)
+    assert prepare_features(llava_target, [ROWS[1]], settings).stored == 1
+    text = llava_target.processor.tokenizer.decode(stored_samples(settings.output)[0]["input_ids"].tolist())
+    assert "Numbers 0 1 2 make words." not in text
+    assert "Letters make sentences." not in text
+    assert "And letters?" in text
+
+
+def test_regenerate_batch_size_checked(llava_target, tmp_path):
+    settings = PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_batch_size=0)
+    with pytest.raises(MSDError, match="--regenerate-batch-size must be at least 1, got 0"):
+        prepare_features(llava_target, ROWS, settings)

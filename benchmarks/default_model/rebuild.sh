@@ -31,24 +31,31 @@ target=$(msd embedded build)  # the default target, now with the trained project
 log "2/5 prompts"
 python benchmarks/default_draft/make_text_rows.py --output "$WORK/text-rows.jsonl" --rows "$TEXT_ROWS"
 python benchmarks/default_draft/make_instruction_rows.py --output "$WORK/instruction-rows.jsonl"
-python benchmarks/default_draft/make_image_rows.py --output "$WORK/image-rows.jsonl" --image-folder "$WORK/images"
+python benchmarks/default_draft/make_image_rows.py --output "$WORK/image-rows.jsonl" --image-folder "$WORK/images" \
+    --prompts-per-image 6
 
-log "3/5 self-distilled features (two processes side by side)"
-OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/text-rows.jsonl" --kind text \
-    --regenerate --regenerate-max-tokens 64 --dtype float32 --shard-size 16 --limit "$TEXT_ROWS" \
-    --output "$WORK/text" &
-text_job=$!
-OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/image-rows.jsonl" --kind vision \
-    --image-root "$WORK/images" --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 \
-    --output "$WORK/vision" &
-vision_job=$!
-wait "$vision_job"
-for part in 0/2 1/2; do  # two parts, so the sample order matches the committed draft's two-process run
+log "3/5 self-distilled features (two processes side by side, 16 prompts answered per generate call)"
+instructions() {  # one half of the instruction rows; the two halves are parts of one feature folder
     OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/instruction-rows.jsonl" --kind text \
-        --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 --shard "$part" \
+        --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 --shard "$1" \
         --output "$WORK/instructions"
-done
+}
+(
+    OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/text-rows.jsonl" --kind text \
+        --regenerate --regenerate-max-tokens 64 --dtype float32 --shard-size 16 --limit "$TEXT_ROWS" \
+        --output "$WORK/text"
+    instructions 0/2
+) &
+text_job=$!
+(
+    OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/image-rows.jsonl" --kind vision \
+        --image-root "$WORK/images" --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 \
+        --output "$WORK/vision"
+    instructions 1/2
+) &
+vision_job=$!
 wait "$text_job"
+wait "$vision_job"
 
 log "4/5 drafts: MSD and the non-decoupled ablation, side by side"
 train() {

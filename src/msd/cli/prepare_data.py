@@ -111,6 +111,13 @@ def register(subparsers) -> None:
         help="maximum regenerated answer length in tokens (default 512)",
     )
     parser.add_argument(
+        "--regenerate-batch-size",
+        type=int,
+        default=16,
+        metavar="ROWS",
+        help="prompts answered per generate call with --regenerate, left-padded to one length (default 16)",
+    )
+    parser.add_argument(
         "--log-skipped",
         type=int,
         default=5,
@@ -153,6 +160,7 @@ def run(arguments: argparse.Namespace) -> int:
         shard_size=arguments.shard_size,
         regenerate=arguments.regenerate,
         regenerate_max_tokens=arguments.regenerate_max_tokens,
+        regenerate_batch_size=arguments.regenerate_batch_size,
         logged_skips=arguments.log_skipped,
     )
     summary = prepare_features(target, rows, settings, source=str(arguments.data))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from msd.data.conversations import Conversation, ConversationEncoder, RowError, SkipReason, load_images, parse_row
+from msd.data.regenerate import AnswerRegenerator
 from msd.data.rows import Part
 from msd.data.storage import PartWriter, check_card, folder_bytes, update_card
 from msd.errors import MSDError
@@ -66,6 +67,9 @@ class PrepareSettings:
     shard_size: int = 128  # samples per safetensors file
     regenerate: bool = False
     regenerate_max_tokens: int = 512
+    # Prompts answered per generate call. Not in the card, so a resume may change it; padding can change float
+    # rounding, so an answer may differ from the batch-1 answer where the top two logits are within rounding.
+    regenerate_batch_size: int = 16
     logged_skips: int = 5  # skipped rows whose reason is logged one by one
 
     def card_settings(self, target: TargetAdapter, source: str) -> dict:
@@ -133,16 +137,18 @@ class FeaturePreparer:
             )
         if settings.regenerate_max_tokens < 1:
             raise MSDError(f"--regenerate-max-tokens must be at least 1, got {settings.regenerate_max_tokens}.")
+        if settings.regenerate_batch_size < 1:
+            raise MSDError(f"--regenerate-batch-size must be at least 1, got {settings.regenerate_batch_size}.")
         self.target = target
         self.settings = settings
         self.kind = resolve_kind(settings.kind)
         self.dtype = STORE_DTYPES[settings.store_dtype]
         self.encoder = ConversationEncoder(target.processor, target.image_token_id, settings.max_length)
-        self.generator = None
+        self.regenerator = None
         if settings.regenerate:
-            from msd.decoding import SpeculativeGenerator
-
-            self.generator = SpeculativeGenerator(target, None)
+            self.regenerator = AnswerRegenerator(
+                target, self.encoder, settings.regenerate_max_tokens, settings.max_length, settings.regenerate_batch_size
+            )
 
     def run(self, rows: Sequence, source: str = "") -> PrepareSummary:
         """Process this part's rows, resuming where an earlier run of the same part stopped."""
@@ -158,19 +164,21 @@ class FeaturePreparer:
             logger.info("projected size of %d rows: %s (estimate from %d rows)", len(remaining),
                         _format_bytes(projected), min(SIZE_PROBE_ROWS, len(remaining)))
         logged = Counter()
-        with logging_redirect_tqdm(), tqdm(remaining, desc=settings.part.name, unit="sample") as progress:
-            for index in progress:
-                try:
-                    key, record, entry = self.process_row(rows, index)
-                except RowError as error:
-                    writer.skip(error.reason)
-                    logged[error.reason] += 1
-                    if logged[error.reason] <= settings.logged_skips:
-                        logger.warning("skipping row %d (%s): %s", index, error.reason, error.detail)
-                else:
-                    writer.add(key, record, entry)
-                if writer.full:
-                    writer.commit(next_row=index + 1)
+        chunk_size = settings.regenerate_batch_size if self.regenerator is not None else 1
+        with logging_redirect_tqdm(), tqdm(total=len(remaining), desc=settings.part.name, unit="sample") as progress:
+            for start in range(0, len(remaining), chunk_size):
+                chunk = remaining[start : start + chunk_size]
+                for index, outcome in zip(chunk, self.process_rows(rows, chunk)):
+                    if isinstance(outcome, RowError):
+                        writer.skip(outcome.reason)
+                        logged[outcome.reason] += 1
+                        if logged[outcome.reason] <= settings.logged_skips:
+                            logger.warning("skipping row %d (%s): %s", index, outcome.reason, outcome.detail)
+                    else:
+                        writer.add(*outcome)
+                    if writer.full:
+                        writer.commit(next_row=index + 1)
+                progress.update(len(chunk))
                 progress.set_postfix(stored=writer.state.stored + len(writer.entries), skipped=logged.total())
         writer.commit(next_row=selected.stop, finished=True)
         card = update_card(settings.output)
@@ -181,14 +189,39 @@ class FeaturePreparer:
             projected_bytes=projected,
         )
 
-    def process_row(self, rows: Sequence, index: int) -> tuple[str, dict[str, torch.Tensor], dict]:
-        """Read, render, run and record one row; raises RowError when the row is skipped."""
+    def process_rows(self, rows: Sequence, indices: Sequence[int]) -> list[tuple | RowError]:
+        """Read, answer (with --regenerate), run and record rows; returns per row `(key, record, entry)` or the
+        RowError that skips it."""
+        outcomes: dict[int, tuple | RowError] = {}
+        loaded = []  # (row index, conversation, images)
+        for index in indices:
+            try:
+                loaded.append((index, *self.read_row(rows, index)))
+            except RowError as error:
+                outcomes[index] = error
+
+        if self.regenerator is not None and loaded:
+            answered = self.regenerator.regenerate([item[1] for item in loaded], [item[2] for item in loaded])
+            loaded = [(index, conversation, images) for (index, _, images), conversation in zip(loaded, answered)]
+
+        for index, conversation, images in loaded:
+            if isinstance(conversation, RowError):
+                outcomes[index] = conversation
+                continue
+            try:
+                outcomes[index] = self.record_row(conversation, images, index)
+            except RowError as error:
+                outcomes[index] = error
+        return [outcomes[index] for index in indices]
+
+    def read_row(self, rows: Sequence, index: int) -> tuple[Conversation, list]:
         conversation = parse_row(rows[index], index, self.settings.system_prompt)
         if conversation.images and self.kind == "text":
             raise RowError(SkipReason.IMAGE_IN_TEXT_SET, "the row has images but the dataset kind is text")
-        images = load_images(conversation, self.settings.image_root)
-        if self.generator is not None:
-            conversation = self.regenerate_answers(conversation, images)
+        return conversation, load_images(conversation, self.settings.image_root)
+
+    def record_row(self, conversation: Conversation, images: Sequence, index: int) -> tuple[str, dict, dict]:
+        """Run the target over one conversation and build its stored record and manifest entry."""
         sample = self.encoder.encode(conversation, images)
         # NOTE: one sample per target forward, because TargetAdapter.prefill takes batch 1; rows are not batched yet.
         try:
@@ -209,21 +242,6 @@ class FeaturePreparer:
             "images": sample.images,
         }
         return key, record, entry
-
-    def regenerate_answers(self, conversation: Conversation, images: Sequence) -> Conversation:
-        """Replace each assistant turn with the target's greedy answer to the turns before it."""
-        messages = [dict(message) for message in conversation.messages]
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            inputs = self.encoder.prompt_inputs(messages[:index], images)
-            length = inputs["input_ids"].shape[1]
-            budget = min(self.settings.regenerate_max_tokens, self.settings.max_length - length)
-            if budget < 1:
-                raise RowError(SkipReason.TOO_LONG, f"the prompt before turn {index} fills --max-length")
-            output = self.generator.generate(inputs, max_new_tokens=budget)
-            messages[index] = {"role": "assistant", "content": [{"type": "text", "text": output.text.strip()}]}
-        return Conversation(conversation.sample_id, messages, conversation.images)
 
     def project_bytes(self, rows: Sequence, indices: Sequence[int]) -> int | None:
         """Disk size projected from the token counts of the first rows, tokenised without running the target."""
