@@ -192,3 +192,28 @@ def test_invalid_config_raises():
         TrainConfig.from_dict({"learning_rat": 1.0})
     with pytest.raises(MSDError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
+
+
+def test_save_dtype_writes_half_precision(tmp_path, setup):
+    # save_dtype casts the final draft's floating-point weights; the vocabulary map keeps its integer dtype and
+    # the draft loads and decodes losslessly
+    target, text, vision = setup
+    final = DraftTrainer(config(epochs=1, save_dtype="float16", draft_vocab_size=40), target, text, vision, tmp_path).train()
+    saved = weights(final)
+    floating = [name for name, tensor in saved.items() if tensor.is_floating_point()]
+    assert floating
+    assert all(saved[name].dtype == torch.float16 for name in floating)
+    assert saved["draft_to_target"].dtype in (torch.int32, torch.int64)
+
+    draft = DraftModel.from_pretrained(final, dtype=torch.float64)
+    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
+    plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=8)
+    drafted = SpeculativeGenerator(target, draft, TreeParams(depth=2, top_k=2, total_tokens=4)).generate(
+        inputs, max_new_tokens=8
+    )
+    assert drafted.token_ids == plain.token_ids
+
+
+def test_invalid_save_dtype_raises():
+    with pytest.raises(MSDError, match="save_dtype must be one of float32, float16, bfloat16, got 'int8'"):
+        TrainConfig(save_dtype="int8")

@@ -61,3 +61,13 @@ def test_select_nodes_ties_prefer_parent():
     scores = torch.tensor([-1.0, -1.0])
     parents = torch.tensor([-1, 0])
     assert select_nodes(scores, parents, 1).tolist() == [0]
+
+
+def test_tree_params_parse():
+    # "depth,top_k,total_tokens" as the benchmark scripts take it; malformed text names the expected form
+    assert TreeParams.parse("3,1,4") == TreeParams(depth=3, top_k=1, total_tokens=4)
+    for text in ("3,1", "3,x,4", "3,1,4,5", ""):
+        with pytest.raises(ValueError, match="expected depth,top_k,total_tokens"):
+            TreeParams.parse(text)
+    with pytest.raises(ValueError, match="tree depth must be at least 1, got 0"):
+        TreeParams.parse("0,1,4")

@@ -2,10 +2,13 @@
 --compare` does per call: tau, tokens/s, speedup (plain total time / msd total time) and token identity.
 
     python benchmarks/default_draft/measure.py --target "$(msd embedded build)" \
-        --draft src/msd/embedded/weights/draft --held-out runs/default-model/text-rows.heldout.jsonl \
-        --image src/msd/evaluate/local_task/images/chelsea.jpg --trees 3,2,6 4,3,10 5,4,16
+        --draft src/msd/embedded/weights/draft --held-out benchmarks/default_draft/tree_validation.jsonl \
+        --text-prompts 4 --trees 3,1,4 4,1,5 3,2,6
 
 Each input is decoded plainly once and then with every tree. Prints a Markdown table; --json also writes the rows.
+`tree_validation.jsonl` contains four instruction prompts on topics that neither the training rows nor the benchmark
+use, for choosing a tree and comparing training settings without looking at the benchmark. The tau values do not
+depend on the machine's load, but the speedups do.
 """
 
 from __future__ import annotations
@@ -27,11 +30,6 @@ from msd.targets import load_target
 logger = logging.getLogger(__name__)
 
 IMAGE_PROMPT = "Describe this picture in a few sentences."
-
-
-def parse_tree(text: str) -> TreeParams:
-    depth, top_k, total = (int(part) for part in text.split(","))
-    return TreeParams(depth=depth, top_k=top_k, total_tokens=total)
 
 
 def held_out_prompts(path: Path, count: int) -> list[str]:
@@ -83,7 +81,7 @@ def main() -> None:
     parser.add_argument("--image", action="append", default=[], help="an image to describe (repeatable)")
     parser.add_argument("--held-out", type=Path, help="JSONL rows whose first human messages are text prompts")
     parser.add_argument("--text-prompts", type=int, default=3, help="held-out text prompts to use (default 3)")
-    parser.add_argument("--trees", nargs="+", type=parse_tree, default=[TreeParams(4, 3, 10)],
+    parser.add_argument("--trees", nargs="+", type=TreeParams.parse, default=[TreeParams(4, 3, 10)],
                         help="tree settings as depth,top_k,total_tokens (default 4,3,10)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--json", type=Path, help="also write the result rows to this JSON file")

@@ -74,15 +74,11 @@ ablation_job=$!
 wait "$msd_job"
 wait "$ablation_job"
 
-log "5/5 float16 copies of the drafts"
-python - "$WORK/train-msd/draft" "$DRAFT" "$WORK/train-ablation/draft" "$ABLATION" <<'EOF'
-import sys
-
-import torch
-
-from msd.draft import DraftModel
-
-for source, destination in zip(sys.argv[1::2], sys.argv[2::2]):
-    DraftModel.from_pretrained(source, dtype=torch.float16).save_pretrained(destination)
-    print(f"wrote {destination}")
-EOF
+log "5/5 copy the float16 drafts into the repository"
+copy_draft() {
+    mkdir -p "$2"
+    cp "$1/config.json" "$1/model.safetensors" "$2/"
+    echo "wrote $2"
+}
+copy_draft "$WORK/train-msd/draft" "$DRAFT"
+copy_draft "$WORK/train-ablation/draft" "$ABLATION"

@@ -40,11 +40,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 
 
-def parse_tree(text: str) -> TreeParams:
-    depth, top_k, total = (int(part) for part in text.split(","))
-    return TreeParams(depth=depth, top_k=top_k, total_tokens=total)
-
-
 def chain(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the depths (n,) and ancestor mask (n, n) of a chain. Any tree of n nodes costs the same forward."""
     return torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril()
@@ -130,7 +125,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="forward sizes n, comma-separated")
     parser.add_argument("--context", type=int, default=48, help="tokens appended after the prompt before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed forwards per size (default 7)")
-    parser.add_argument("--trees", nargs="+", type=parse_tree,
+    parser.add_argument("--trees", nargs="+", type=TreeParams.parse,
                         default=[TreeParams(1, 1, 2), TreeParams(2, 1, 3), TreeParams(3, 1, 4), TreeParams(3, 2, 6),
                                  TreeParams(4, 2, 8)],
                         help="tree settings as depth,top_k,total_tokens")

@@ -34,6 +34,7 @@ OVERRIDES = {
         int,
         "a fresh draft scores only this many target tokens, the most frequent in the training answers",
     ),
+    "--save-dtype": ("save_dtype", str, "dtype of the final draft's weights: float32, float16 or bfloat16"),
 }
 
 

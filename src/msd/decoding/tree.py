@@ -34,6 +34,15 @@ class TreeParams:
             if getattr(self, name) < 1:
                 raise ValueError(f"tree {name} must be at least 1, got {getattr(self, name)}")
 
+    @classmethod
+    def parse(cls, text: str) -> TreeParams:
+        """Read "depth,top_k,total_tokens", for example "3,1,4" for a chain of three drafted tokens."""
+        parts = text.split(",")
+        if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+            raise ValueError(f"invalid tree {text!r}: expected depth,top_k,total_tokens such as 3,1,4")
+        depth, top_k, total_tokens = (int(part) for part in parts)
+        return cls(depth=depth, top_k=top_k, total_tokens=total_tokens)
+
 
 @dataclass
 class DraftTree:

@@ -148,11 +148,19 @@ class DraftModel(nn.Module):
 
     # -- files ----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write config.json and model.safetensors; each file is written to a temporary name and renamed."""
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors; each file is written to a temporary name and renamed.
+
+        dtype: cast floating-point weights to it in the file (float16 halves a float32 draft's size); integer
+        tensors such as `draft_to_target` keep their dtype. None writes the weights as they are.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[name] = tensor.detach().contiguous().cpu()
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
             temporary = handle.name
         save_file(state, temporary, metadata={"format": "pt", "msd_draft": "1"})

@@ -11,6 +11,8 @@ from msd.train.curriculum import CurriculumConfig
 from msd.train.loss import LossConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+#: dtypes the final draft can be written in
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class TrainConfig:
     input_layernorm: bool = True  # False builds the EAGLE-1/2 layout without the decoder layer's input norm
     draft_vocab_size: int | None = None  # a fresh draft's reduced vocabulary (msd.train.vocab); None: the target's
     decouple_visual: bool = True  # a fresh draft's visual handling; False trains the non-decoupled (EAGLE) ablation
+    save_dtype: str | None = None  # dtype of the final draft/ weights, one of SAVE_DTYPES (None: the training dtype)
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
@@ -68,6 +71,11 @@ class TrainConfig:
             raise MSDError(
                 f"training option mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
                 f"got {self.mixed_precision!r}."
+            )
+
+        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
+            raise MSDError(
+                f"training option save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}."
             )
 
     def as_dict(self) -> dict:

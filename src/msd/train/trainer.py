@@ -180,7 +180,8 @@ class DraftTrainer:
             return self.output_dir
         final = self.output_dir / FINAL_DRAFT
         if self.accelerator.is_main_process:
-            self.draft.save_pretrained(final)
+            save_dtype = getattr(torch, self.config.save_dtype) if self.config.save_dtype else None
+            self.draft.save_pretrained(final, dtype=save_dtype)
             logger.info("training finished after %d steps; draft saved to %s", progress.step, final)
         self.accelerator.wait_for_everyone()
         return final
