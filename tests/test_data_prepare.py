@@ -240,3 +240,20 @@ def test_regenerate_batch_size_checked(llava_target, tmp_path):
     settings = PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_batch_size=0)
     with pytest.raises(MSDError, match="--regenerate-batch-size must be at least 1, got 0"):
         prepare_features(llava_target, ROWS, settings)
+
+
+def test_projected_size_counts_regenerated_answers(llava_target, image_root, tmp_path):
+    # With --regenerate the placeholder answers do not count: each turn is projected at the maximum answer length,
+    # so long answers raise the projection and the real size stays near or below it
+    sizes = {}
+    for max_tokens in (2, 40):
+        settings = PrepareSettings(
+            max_length=1000, output=tmp_path / f"max-{max_tokens}", kind="vision", image_root=image_root,
+            regenerate=True, regenerate_max_tokens=max_tokens,
+        )
+        summary = prepare_features(llava_target, ROWS, settings)
+        data_bytes = sum(t.numel() * t.element_size() for sample in stored_samples(settings.output) for t in sample.values())
+        sizes[max_tokens] = summary.projected_bytes
+        # the tiny word tokenizer re-encodes a decoded answer into somewhat more tokens than were generated
+        assert summary.projected_bytes == pytest.approx(data_bytes, rel=0.3)
+    assert sizes[40] > sizes[2]

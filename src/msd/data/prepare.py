@@ -67,8 +67,8 @@ class PrepareSettings:
     shard_size: int = 128  # samples per safetensors file
     regenerate: bool = False
     regenerate_max_tokens: int = 512
-    # Prompts answered per generate call. Not in the card, so a resume may change it; padding can change float
-    # rounding, so an answer may differ from the batch-1 answer where the top two logits are within rounding.
+    # Prompts per generate call. It is not in the card, so a resume may change it. Padding can change float rounding,
+    # so an answer may differ from the batch-1 answer where the top two logits are within rounding of each other.
     regenerate_batch_size: int = 16
     logged_skips: int = 5  # skipped rows whose reason is logged one by one
 
@@ -244,7 +244,11 @@ class FeaturePreparer:
         return key, record, entry
 
     def project_bytes(self, rows: Sequence, indices: Sequence[int]) -> int | None:
-        """Disk size projected from the token counts of the first rows, tokenised without running the target."""
+        """Disk size projected from the token counts of the first rows, tokenised without running the target.
+
+        With --regenerate the rows' own answers are replaced, so each assistant turn is counted at
+        --regenerate-max-tokens instead: the projection assumes answers of the maximum length.
+        """
         tokens, visual = [], []
         for index in indices[:SIZE_PROBE_ROWS]:
             try:
@@ -253,7 +257,12 @@ class FeaturePreparer:
             except RowError:
                 continue
             input_ids = sample.inputs["input_ids"][0]
-            tokens.append(input_ids.shape[0])
+            count = input_ids.shape[0]
+            if self.regenerator is not None:
+                answers = [_message_text(message) for message in conversation.messages if message["role"] == "assistant"]
+                answer_tokens = sum(len(self.encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in answers)
+                count += len(answers) * self.settings.regenerate_max_tokens - answer_tokens
+            tokens.append(count)
             visual.append(int((input_ids == self.target.image_token_id).sum()))
         if not tokens:
             return None
@@ -265,6 +274,10 @@ class FeaturePreparer:
             self.dtype.itemsize,
         )
         return int(per_sample * len(indices))
+
+
+def _message_text(message: dict) -> str:
+    return "".join(part["text"] for part in message["content"] if part["type"] == "text")
 
 
 def _rows_done(selected: range, next_row: int) -> int:
