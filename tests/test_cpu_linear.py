@@ -8,7 +8,7 @@ from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
 from msd.targets import load_target
-from msd.targets.cpu_linear import SmallBatchLinear, use_small_batch_linears
+from msd.targets.cpu_linear import SmallBatchLinear, pick_max_rows, time_products, use_small_batch_linears
 from tiny_models import build_llava, llava_inputs, random_image
 
 
@@ -66,15 +66,53 @@ def saved_target(tmp_path_factory):
 
 
 def test_load_target_switches_only_when_asked(saved_target):
-    default = load_target(saved_target, dtype="float64")
-    assert isinstance(default.lm_head, SmallBatchLinear)
+    switched = load_target(saved_target, dtype="float64", cpu_linear_rows=4)
+    assert isinstance(switched.lm_head, SmallBatchLinear)
+    assert switched.lm_head.max_rows == 4
     stock = load_target(saved_target, dtype="float64", cpu_linear_rows=0)
     assert type(stock.lm_head) is nn.Linear
 
 
+def test_load_target_auto_applies_measured_limit(saved_target, monkeypatch):
+    # "auto" (the default) switches the layers exactly when the timing shows the transposed product winning
+    import msd.targets.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "time_products", lambda module: {2: (1.0, 0.5), 4: (1.0, 0.6), 8: (1.0, 2.0)})
+    measured = load_target(saved_target, dtype="float64")
+    assert isinstance(measured.lm_head, SmallBatchLinear)
+    assert measured.lm_head.max_rows == 4
+
+    monkeypatch.setattr(cpu_linear, "time_products", lambda module: {2: (1.0, 2.0), 4: (1.0, 2.0), 8: (1.0, 2.0)})
+    assert type(load_target(saved_target, dtype="float64").lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        ({2: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 0.8)}, 8),  # transposed faster throughout (Zen 3 here)
+        ({2: (1.0, 2.4), 4: (1.0, 1.7), 8: (1.0, 3.4)}, 0),  # F.linear faster throughout (Sapphire Rapids here)
+        ({2: (1.0, 0.5), 4: (1.0, 0.95), 8: (1.0, 0.5)}, 2),  # a loss at 4 rows stops the limit at 2
+        ({}, 0),  # a model without linear layers
+    ],
+)
+def test_pick_max_rows(times, expected):
+    assert pick_max_rows(times) == expected
+
+
+def test_time_products_times_each_row_count():
+    # both products are timed over the most common weight shape, so every candidate gets two positive times
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 32))
+    times = time_products(model, rows=(2, 4), repeats=2)
+    assert sorted(times) == [2, 4]
+    for linear, transposed in times.values():
+        assert linear > 0
+        assert transposed > 0
+    assert time_products(nn.ReLU()) == {}
+
+
 def test_switched_target_decodes_like_generate(saved_target):
     # with the switched layers, tree decoding still equals transformers' generate on the same model, token for token
-    target = load_target(saved_target, dtype="float64")
+    target = load_target(saved_target, dtype="float64", cpu_linear_rows=8)
     torch.manual_seed(1)
     draft = DraftModel(DraftConfig.for_target(target)).double()
     inputs = llava_inputs(target.processor, "What is in this picture?", [random_image(60, 48, seed=2)])
@@ -84,3 +122,17 @@ def test_switched_target_decodes_like_generate(saved_target):
     tree = TreeParams(depth=3, top_k=2, total_tokens=6)
     output = SpeculativeGenerator(target, draft, tree).generate(inputs, max_new_tokens=16, eos_token_ids=[])
     assert output.token_ids == expected
+
+
+def test_cli_option_parses_rows_or_auto():
+    import argparse
+
+    from msd.cli.options import parse_cpu_linear_rows
+
+    assert parse_cpu_linear_rows("auto") == "auto"
+    assert parse_cpu_linear_rows("0") == 0
+    assert parse_cpu_linear_rows("8") == 8
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid row count 'eight': use a whole number or auto"):
+        parse_cpu_linear_rows("eight")
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid row count -1: use 0 or more, or auto"):
+        parse_cpu_linear_rows("-1")

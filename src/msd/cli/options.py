@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from msd.errors import MSDError
-from msd.targets.cpu_linear import DEFAULT_MAX_ROWS
+from msd.targets.cpu_linear import AUTO
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -29,14 +29,26 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
     parser.add_argument("--device", default="cpu", help="torch device, for example cpu or cuda:0 (default cpu)")
     parser.add_argument(
         "--cpu-linear-rows",
-        type=int,
-        default=DEFAULT_MAX_ROWS,
-        metavar="N",
-        help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens. On the 2-core Zen 3 CPU msd "
-        "is developed on, this made a 4-token verification forward cost about one plain step instead of 1.6; "
-        "benchmarks/default_model/verify_cost.py measures it on yours. 0 keeps PyTorch's layers "
-        f"(default {DEFAULT_MAX_ROWS})",
+        type=parse_cpu_linear_rows,
+        default=AUTO,
+        metavar="N|auto",
+        help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens. On a 2-core Zen 3 CPU this "
+        "made a 4-token verification forward cost about one plain step instead of 1.6, while on a Sapphire Rapids "
+        "Xeon it made it 2-3x slower. auto times both products at load and picks N; 0 keeps PyTorch's layers "
+        "(default auto)",
     )
+
+
+def parse_cpu_linear_rows(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        rows = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid row count {text!r}: use a whole number or auto") from None
+    if rows < 0:
+        raise argparse.ArgumentTypeError(f"invalid row count {rows}: use 0 or more, or auto")
+    return rows
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

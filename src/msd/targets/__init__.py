@@ -9,7 +9,7 @@ import torch
 
 from msd.errors import MSDError
 from msd.targets.base import PrefillOutput, TargetAdapter, TargetState
-from msd.targets.cpu_linear import DEFAULT_MAX_ROWS, use_small_batch_linears
+from msd.targets.cpu_linear import AUTO, choose_max_rows, use_small_batch_linears
 from msd.targets.llava import LlavaAdapter
 from msd.targets.qwen2_vl import Qwen2VLAdapter
 
@@ -47,12 +47,13 @@ def load_target(
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
-    cpu_linear_rows: int = DEFAULT_MAX_ROWS,
+    cpu_linear_rows: int | str = AUTO,
 ) -> TargetAdapter:
     """Load a target model and its processor from a local folder or a Hugging Face model id.
 
-    On a CPU, linear layers switch to `SmallBatchLinear` for inputs of at most `cpu_linear_rows` rows, which made
-    few-token forwards faster where it was measured (`msd.targets.cpu_linear`); 0 keeps PyTorch's layers.
+    On a CPU, linear layers switch to `SmallBatchLinear` for inputs of at most `cpu_linear_rows` rows, which makes
+    few-token forwards faster on some CPUs and slower on others (`msd.targets.cpu_linear`). "auto" times both on this
+    machine and picks the limit, and 0 keeps PyTorch's layers.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -74,5 +75,7 @@ def load_target(
         path, dtype=dtype, attn_implementation=attn_implementation
     ).to(device)
     if model.device.type == "cpu":
+        if cpu_linear_rows == AUTO:
+            cpu_linear_rows = choose_max_rows(model)
         use_small_batch_linears(model, cpu_linear_rows)
     return adapter_for(model, processor)
