@@ -90,7 +90,7 @@ def test_load_target_auto_applies_measured_limit(saved_target, monkeypatch):
     ("times", "expected"),
     [
         ({2: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 0.8)}, 8),  # transposed faster throughout (Zen 3 here)
-        ({2: (1.0, 2.4), 4: (1.0, 1.7), 8: (1.0, 3.4)}, 0),  # F.linear faster throughout (Sapphire Rapids here)
+        ({2: (1.0, 2.4), 4: (1.0, 1.7), 8: (1.0, 3.4)}, 0),  # F.linear faster throughout (Emerald Rapids Xeon here)
         ({2: (1.0, 0.5), 4: (1.0, 0.95), 8: (1.0, 0.5)}, 2),  # a loss at 4 rows stops the limit at 2
         ({}, 0),  # a model without linear layers
     ],

@@ -41,6 +41,16 @@ PROMPTS = (
     "Write a short caption for this image, then describe it in two sentences.",
     "What colors and shapes stand out in this image?",
 )
+#: a second set of requests (`--prompt-set extra`), written to its own rows file so the first set's features stay valid
+EXTRA_PROMPTS = (
+    "Describe the main object in this picture.",
+    "What is happening in this image? Answer in a few sentences.",
+    "Give a detailed description of this photo.",
+    "Where might this picture have been taken? Explain.",
+    "Describe the background of this image.",
+    "Tell me about this picture.",
+)
+PROMPT_SETS = {"main": PROMPTS, "extra": EXTRA_PROMPTS}
 
 
 def held_out_names(path: Path) -> set[str]:
@@ -129,6 +139,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True, help="rows to write, a .jsonl file")
     parser.add_argument("--image-folder", type=Path, required=True, help="folder to copy the images into")
     parser.add_argument("--prompts-per-image", type=int, default=3, help="requests per image (default 3)")
+    parser.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="main",
+                        help="requests to draw from: main or extra, a second set of six (default main)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and row order (default 0)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -136,10 +148,11 @@ def main() -> None:
     excluded = held_out_names(HELD_OUT)
     names = collect_images(args.image_folder, excluded)
     generator = random.Random(args.seed)
+    suffix = "" if args.prompt_set == "main" else f"{args.prompt_set}-"
     rows = [
-        image_row(f"{Path(name).stem}-{index}", name, prompt)
+        image_row(f"{Path(name).stem}-{suffix}{index}", name, prompt)
         for name in names
-        for index, prompt in enumerate(generator.sample(PROMPTS, args.prompts_per_image))
+        for index, prompt in enumerate(generator.sample(PROMPT_SETS[args.prompt_set], args.prompts_per_image))
     ]
     generator.shuffle(rows)
     args.output.parent.mkdir(parents=True, exist_ok=True)

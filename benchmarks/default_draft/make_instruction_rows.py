@@ -44,6 +44,30 @@ PAIR_TEMPLATES = (
     "What are the main differences between {first} and {second}?",
     "Compare {first} and {second} in a few sentences.",
 )
+#: a second set of requests (`--template-set extra`), written to its own rows file so the first set's features stay valid
+EXTRA_TOPIC_TEMPLATES = (
+    "How does {topic} affect everyday life?",
+    "Summarize what people should know about {topic} in three sentences.",
+    "What is a common misconception about {topic}?",
+    "Explain {topic} in simple terms.",
+    "Write a short story that involves {topic}.",
+    "What questions do people often ask about {topic}? Answer two of them.",
+    "How has {topic} changed over the last hundred years?",
+    "Write a short encyclopedia entry about {topic}.",
+)
+EXTRA_ACTIVITY_TEMPLATES = (
+    "Write a step-by-step guide to {activity}.",
+    "What do you need before {activity}?",
+    "Why do people enjoy {activity}?",
+)
+EXTRA_PAIR_TEMPLATES = (
+    "Which is better, {first} or {second}? Explain briefly.",
+    "How are {first} and {second} alike?",
+)
+TEMPLATE_SETS = {
+    "main": (TOPIC_TEMPLATES, ACTIVITY_TEMPLATES, PAIR_TEMPLATES),
+    "extra": (EXTRA_TOPIC_TEMPLATES, EXTRA_ACTIVITY_TEMPLATES, EXTRA_PAIR_TEMPLATES),
+}
 TOPICS = (
     "the printing press", "a refrigerator", "photosynthesis", "the internet", "a vaccine", "volcanoes", "the moon",
     "rainbows", "electric cars", "a compass", "recycling", "coffee", "the piano", "bread baking", "solar panels",
@@ -93,11 +117,12 @@ PAIRS = (
 )
 
 
-def make_prompts() -> list[str]:
-    """Fill every template with every matching topic, activity or pair."""
-    prompts = [template.format(topic=topic) for topic in TOPICS for template in TOPIC_TEMPLATES]
-    prompts += [template.format(activity=activity) for activity in ACTIVITIES for template in ACTIVITY_TEMPLATES]
-    prompts += [template.format(first=first, second=second) for first, second in PAIRS for template in PAIR_TEMPLATES]
+def make_prompts(template_set: str = "main") -> list[str]:
+    """Fill every template of a set with every matching topic, activity or pair."""
+    topic_templates, activity_templates, pair_templates = TEMPLATE_SETS[template_set]
+    prompts = [template.format(topic=topic) for topic in TOPICS for template in topic_templates]
+    prompts += [template.format(activity=activity) for activity in ACTIVITIES for template in activity_templates]
+    prompts += [template.format(first=first, second=second) for first, second in PAIRS for template in pair_templates]
     return prompts
 
 
@@ -105,15 +130,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True, help="rows to write, a .jsonl file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row order (default 0)")
+    parser.add_argument("--template-set", choices=sorted(TEMPLATE_SETS), default="main",
+                        help="request templates: main (1,488 prompts) or extra (1,448 more) (default main)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    prompts = make_prompts()
+    prompts = make_prompts(args.template_set)
+    prefix = "instruction" if args.template_set == "main" else f"instruction-{args.template_set}"
     random.Random(args.seed).shuffle(prompts)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
         for index, prompt in enumerate(prompts):
-            row = {"id": f"instruction-{index}", "conversations": [
+            row = {"id": f"{prefix}-{index}", "conversations": [
                 {"from": "human", "value": prompt}, {"from": "gpt", "value": "(answer)"}]}
             handle.write(json.dumps(row) + "\n")
     logger.info("wrote %d rows to %s", len(prompts), args.output)

@@ -157,7 +157,7 @@ def run(arguments: argparse.Namespace) -> int:
         "samples": len(samples),
         "device": device_name(target.device),
         "dtype": str(target.dtype),
-        "machine": f"{platform.machine()}, {platform.processor() or 'unknown processor'}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {processor_name()}, {torch.get_num_threads()} threads",
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "max_new_tokens": settings.max_new_tokens,
         "research_convention": settings.research_convention,
@@ -202,3 +202,15 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return str(device)
+
+
+def processor_name() -> str:
+    """Return the CPU model, from /proc/cpuinfo on Linux (where `platform.processor()` is often empty)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown processor"

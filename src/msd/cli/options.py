@@ -33,7 +33,7 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         default=AUTO,
         metavar="N|auto",
         help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens. On a 2-core Zen 3 CPU this "
-        "made a 4-token verification forward cost about one plain step instead of 1.6, while on a Sapphire Rapids "
+        "made a 4-token verification forward cost about one plain step instead of 1.6, while on an Emerald Rapids "
         "Xeon it made it 2-3x slower. auto times both products at load and picks N; 0 keeps PyTorch's layers "
         "(default auto)",
     )

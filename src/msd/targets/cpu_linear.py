@@ -9,7 +9,8 @@ Forward times of the 135M-parameter embedded target there (float32, a 150-token 
     F.linear, whole forward   63    96    99   101  ms
     W @ x.T, whole forward    60    66    68    83  ms
 
-On a 2-core Xeon with AVX-512 and AMX (Sapphire Rapids, same wheel, 2 threads) it is the other way round:
+On a 2-core Xeon with AVX-512 and AMX (Emerald Rapids, CPU family 6 model 207, same wheel, 2 threads) it is the
+other way round:
 
     rows per forward          1     2     4     8
     F.linear, whole forward   27    29    37    44  ms
