@@ -10,12 +10,12 @@ BIN := $(VENV)/bin
 DEMO_DRAFT ?= src/msd/embedded/weights/draft
 DEMO_IMAGES ?= chelsea astronaut rocket
 DEMO_PROMPT ?= Describe this picture in a few sentences.
-DEMO_OPTIONS ?= --max-new-tokens 96 --depth 3 --tree-top-k 1 --total-tokens 4
+DEMO_OPTIONS ?= --max-new-tokens 96 --depth 2 --tree-top-k 1 --total-tokens 3
 
 # The benchmark behind BENCHMARKS.md: the default target and draft on held-out prompts, side by side with plain
 # decoding and prompt lookup.
 BENCH_DATA ?= benchmarks/default_model/eval_prompts.jsonl
-BENCH_OPTIONS ?= --max-new-tokens 96 --depth 3 --tree-top-k 1 --total-tokens 4 --warmup 1
+BENCH_OPTIONS ?= --max-new-tokens 96 --depth 2 --tree-top-k 1 --total-tokens 3 --warmup 1
 BENCH_OUTPUT ?= runs/bench-default
 # The non-decoupled draft that msd bench compares as the "eagle" ablation, trained on the same samples.
 ABLATION_DRAFT ?= benchmarks/default_model/ablation-draft

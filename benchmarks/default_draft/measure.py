@@ -84,12 +84,14 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", type=TreeParams.parse, default=[TreeParams(4, 3, 10)],
                         help="tree settings as depth,top_k,total_tokens (default 4,3,10)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the target and the draft (default float32)")
     parser.add_argument("--json", type=Path, help="also write the result rows to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    target = load_target(args.target, dtype="float32", device="cpu")
-    draft = DraftModel.from_pretrained(args.draft)
+    target = load_target(args.target, dtype=args.dtype, device="cpu")
+    draft = DraftModel.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
     cases = [(Path(path).stem, build_inputs(target.processor, IMAGE_PROMPT, [load_image(path)])) for path in args.image]
     if args.held_out:
         for index, prompt in enumerate(held_out_prompts(args.held_out, args.text_prompts)):
