@@ -30,32 +30,34 @@ target=$(msd embedded build)  # the default target, now with the trained project
 
 log "2/5 prompts"
 python benchmarks/default_draft/make_text_rows.py --output "$WORK/text-rows.jsonl" --rows "$TEXT_ROWS"
-python benchmarks/default_draft/make_instruction_rows.py --output "$WORK/instruction-rows.jsonl"
-python benchmarks/default_draft/make_image_rows.py --output "$WORK/image-rows.jsonl" --image-folder "$WORK/images" \
-    --prompts-per-image 6
+for set in main extra; do
+    python benchmarks/default_draft/make_instruction_rows.py --template-set "$set" \
+        --output "$WORK/instruction-rows-$set.jsonl"
+    python benchmarks/default_draft/make_image_rows.py --prompt-set "$set" --prompts-per-image 6 \
+        --output "$WORK/image-rows-$set.jsonl" --image-folder "$WORK/images"
+done
 
 log "3/5 self-distilled features (two processes side by side, 16 prompts answered per generate call)"
-instructions() {  # one half of the instruction rows; the two halves are parts of one feature folder
-    OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/instruction-rows.jsonl" --kind text \
-        --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 --shard "$1" \
-        --output "$WORK/instructions"
+# Each process takes one half of every row file except the chit-chat and the first photo set, so the two finish at
+# about the same time. The halves of a file are parts of one feature folder.
+distill() {  # distill ROWS KIND OUTPUT MAX_TOKENS [prepare-data options]: self-distilled features of ROWS
+    local rows=$1 kind=$2 output=$3 max_tokens=$4
+    shift 4
+    OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/$rows" --kind "$kind" \
+        --image-root "$WORK/images" --regenerate --regenerate-max-tokens "$max_tokens" --dtype float32 \
+        --shard-size 16 --output "$WORK/$output" "$@"
 }
-(
-    OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/text-rows.jsonl" --kind text \
-        --regenerate --regenerate-max-tokens 64 --dtype float32 --shard-size 16 --limit "$TEXT_ROWS" \
-        --output "$WORK/text"
-    instructions 0/2
-) &
-text_job=$!
-(
-    OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/image-rows.jsonl" --kind vision \
-        --image-root "$WORK/images" --regenerate --regenerate-max-tokens 96 --dtype float32 --shard-size 16 \
-        --output "$WORK/vision"
-    instructions 1/2
-) &
-vision_job=$!
-wait "$text_job"
-wait "$vision_job"
+lane() {  # lane PART: the shared row files' part PART, after this lane's own file
+    distill instruction-rows-main.jsonl text instructions 96 --shard "$1"
+    distill instruction-rows-extra.jsonl text instructions-extra 96 --shard "$1"
+    distill image-rows-extra.jsonl vision vision-extra 96 --shard "$1"
+}
+(distill text-rows.jsonl text text 64 --limit "$TEXT_ROWS" && lane 0/2) &
+first_lane=$!
+(distill image-rows-main.jsonl vision vision 96 && lane 1/2) &
+second_lane=$!
+wait "$first_lane"
+wait "$second_lane"
 
 log "4/5 drafts: MSD and the non-decoupled ablation, side by side"
 train() {
@@ -64,7 +66,8 @@ train() {
     local resume=()
     if compgen -G "$output/checkpoint-*" > /dev/null; then resume=(--resume); fi
     OMP_NUM_THREADS=$THREADS msd train --config benchmarks/default_draft/train_two_stage.yaml --target "$target" \
-        --text-data "$WORK/text" "$WORK/instructions" --vision-data "$WORK/vision" --output "$output" \
+        --text-data "$WORK/text" "$WORK/instructions" "$WORK/instructions-extra" \
+        --vision-data "$WORK/vision" "$WORK/vision-extra" --output "$output" \
         "${resume[@]}" "$@"
 }
 train "$WORK/train-msd" &
