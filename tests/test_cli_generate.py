@@ -86,6 +86,17 @@ def test_bad_draft_is_clear_error(saved, tmp_path, capsys):
     assert "no draft config" in capsys.readouterr().err
 
 
+def test_missing_draft_fails_before_target_load(tmp_path, capsys):
+    # the draft folder is checked first, so a typo in it is reported without loading the (here missing) target
+    code = main([
+        "generate", "--target", str(tmp_path / "no-target"), "--draft", str(tmp_path / "no-draft"), "--prompt", "hi",
+    ])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"draft folder not found: {tmp_path / 'no-draft'}" in err
+    assert "Pass the folder written by msd train or msd convert" in err
+
+
 def test_bad_tree_option_is_clear_error(saved, capsys):
     code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--depth", "0"])
     assert code == 2

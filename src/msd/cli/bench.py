@@ -120,13 +120,13 @@ def run(arguments: argparse.Namespace) -> int:
     tree = tree_from(arguments)
     samples = load_samples(arguments.data, arguments.image_folder, arguments.split, arguments.limit)
 
-    target = load_target(
-        arguments.target, dtype=arguments.dtype, device=arguments.device, cpu_linear_rows=arguments.cpu_linear_rows
-    )
-    drafts = {
+    drafts = {  # loaded before the target, so a wrong draft path fails fast
         "msd": DraftModel.from_pretrained(arguments.draft) if arguments.draft else None,
         "eagle": DraftModel.from_pretrained(arguments.eagle_draft) if arguments.eagle_draft else None,
     }
+    target = load_target(
+        arguments.target, dtype=arguments.dtype, device=arguments.device, cpu_linear_rows=arguments.cpu_linear_rows
+    )
     assistant = None
     if arguments.assistant:
         assistant = load_target(arguments.assistant, dtype=arguments.dtype, device=arguments.device).model

@@ -76,14 +76,14 @@ def run(arguments: argparse.Namespace) -> int:
     sampling = sampling_from(arguments)
     tree = tree_from(arguments)
     images = [load_image(path) for path in arguments.image]  # fail on a bad image before loading any model
+    draft = None
+    if arguments.draft:
+        draft = DraftModel.from_pretrained(arguments.draft)  # the generator checks that it fits the target
 
     target = load_target(
         arguments.target, dtype=arguments.dtype, device=arguments.device, cpu_linear_rows=arguments.cpu_linear_rows
     )
     inputs = build_inputs(target.processor, arguments.prompt, images, raw_prompt=arguments.raw_prompt)
-    draft = None
-    if arguments.draft:
-        draft = DraftModel.from_pretrained(arguments.draft)  # the generator checks that it fits the target
     generator = SpeculativeGenerator(target, draft, tree)
     tokenizer = generator.tokenizer
 

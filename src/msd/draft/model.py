@@ -174,7 +174,7 @@ class DraftModel(nn.Module):
         """Load a draft saved by `save_pretrained`; missing or unexpected weights raise MSDError."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise MSDError(f"draft folder not found: {folder}")
+            raise MSDError(f"draft folder not found: {folder}. Pass the folder written by msd train or msd convert.")
         config = DraftConfig.load(folder)
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():

@@ -142,9 +142,9 @@ def choose_max_rows(module: nn.Module) -> int:
     """Measure the row limit for `use_small_batch_linears` on this machine (see `time_products`)."""
     times = time_products(module)
     chosen = pick_max_rows(times)
-    logger.info(
-        "CPU linear layers: W @ x.T for inputs of at most %d rows (time of W @ x.T / F.linear at %s)",
-        chosen,
-        ", ".join(f"{count} rows: {transposed / linear:.2f}" for count, (linear, transposed) in times.items()),
-    )
+    ratios = ", ".join(f"{count} rows: {transposed / linear:.2f}" for count, (linear, transposed) in times.items())
+    if chosen:
+        logger.info("CPU linear layers: W @ x.T for inputs of at most %d rows (time against F.linear at %s)", chosen, ratios)
+    else:
+        logger.info("CPU linear layers: keeping F.linear, W @ x.T was not faster (time against F.linear at %s)", ratios)
     return chosen
