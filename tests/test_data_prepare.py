@@ -219,16 +219,18 @@ def test_batched_regenerate_matches_one_by_one(target_name, image_root, tmp_path
         assert prepare_features(target, ROWS, settings).stored == 3
         stored[batch_size] = stored_samples(settings.output)
 
-    for one, batched in zip(stored[1], stored[3]):
-        assert torch.equal(one["input_ids"], batched["input_ids"])
-        assert torch.equal(one["loss_mask"], batched["loss_mask"])
+    for single, batched in zip(stored[1], stored[3]):
+        assert torch.equal(single["input_ids"], batched["input_ids"])
+        assert torch.equal(single["loss_mask"], batched["loss_mask"])
     answers = [sample["input_ids"][sample["loss_mask"].bool()].tolist() for sample in stored[1]]
     assert len({tuple(answer) for answer in answers}) == 3  # the rows got different answers
 
 
 def test_regenerate_answers_each_turn(llava_target, tmp_path):
-    # The second answer is generated after the regenerated first one, so both turns hold target answers.
-    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="text", regenerate=True, regenerate_max_tokens=4)
+    # The second answer is generated after the regenerated first one, so both turns contain target answers.
+    settings = PrepareSettings(
+        max_length=1000, output=tmp_path / "out", kind="text", regenerate=True, regenerate_max_tokens=4
+    )
     assert prepare_features(llava_target, [ROWS[1]], settings).stored == 1
     text = llava_target.processor.tokenizer.decode(stored_samples(settings.output)[0]["input_ids"].tolist())
     assert "Numbers 0 1 2 make words." not in text
@@ -237,7 +239,9 @@ def test_regenerate_answers_each_turn(llava_target, tmp_path):
 
 
 def test_regenerate_batch_size_checked(llava_target, tmp_path):
-    settings = PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_batch_size=0)
+    settings = PrepareSettings(
+        output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_batch_size=0
+    )
     with pytest.raises(MSDError, match="--regenerate-batch-size must be at least 1, got 0"):
         prepare_features(llava_target, ROWS, settings)
 
@@ -252,7 +256,8 @@ def test_projected_size_counts_regenerated_answers(llava_target, image_root, tmp
             regenerate=True, regenerate_max_tokens=max_tokens,
         )
         summary = prepare_features(llava_target, ROWS, settings)
-        data_bytes = sum(t.numel() * t.element_size() for sample in stored_samples(settings.output) for t in sample.values())
+        samples = stored_samples(settings.output)
+        data_bytes = sum(tensor.numel() * tensor.element_size() for sample in samples for tensor in sample.values())
         sizes[max_tokens] = summary.projected_bytes
         # the tiny word tokenizer re-encodes a decoded answer into somewhat more tokens than were generated
         assert summary.projected_bytes == pytest.approx(data_bytes, rel=0.3)

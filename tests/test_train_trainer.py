@@ -40,6 +40,14 @@ def weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
+def assert_decodes_like_plain(target, draft, tree: TreeParams) -> None:
+    """Decode a photo prompt with the draft and check the tokens equal plain greedy decoding's."""
+    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
+    plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=8)
+    drafted = SpeculativeGenerator(target, draft, tree).generate(inputs, max_new_tokens=8)
+    assert drafted.token_ids == plain.token_ids
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, setup):
     target, text, vision = setup
     full = DraftTrainer(config(), target, text, vision, tmp_path / "full").train()
@@ -75,12 +83,7 @@ def test_checkpoints_load_and_rotate(tmp_path, setup):
     draft = DraftModel.from_pretrained(checkpoints[-1] / "draft")
     assert torch.equal(draft.fc.weight, DraftModel.from_pretrained(final).fc.weight)
 
-    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
-    plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=8)
-    drafted = SpeculativeGenerator(target, draft, TreeParams(depth=3, top_k=3, total_tokens=8)).generate(
-        inputs, max_new_tokens=8
-    )
-    assert drafted.token_ids == plain.token_ids
+    assert_decodes_like_plain(target, draft, TreeParams(depth=3, top_k=3, total_tokens=8))
 
 
 def test_ablation_draft_trains_without_decoupling(tmp_path, setup):
@@ -94,12 +97,7 @@ def test_ablation_draft_trains_without_decoupling(tmp_path, setup):
     with pytest.raises(MSDError, match="decouple_visual"):
         check_draft_kind("msd", draft)
 
-    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
-    plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=8)
-    drafted = SpeculativeGenerator(target, draft, TreeParams(depth=3, top_k=2, total_tokens=6)).generate(
-        inputs, max_new_tokens=8
-    )
-    assert drafted.token_ids == plain.token_ids
+    assert_decodes_like_plain(target, draft, TreeParams(depth=3, top_k=2, total_tokens=6))
 
 
 def test_cli_flag_trains_the_ablation(tmp_path, setup):
@@ -198,7 +196,8 @@ def test_save_dtype_writes_half_precision(tmp_path, setup):
     # save_dtype casts the final draft's floating-point weights; the vocabulary map keeps its integer dtype and
     # the draft loads and decodes losslessly
     target, text, vision = setup
-    final = DraftTrainer(config(epochs=1, save_dtype="float16", draft_vocab_size=40), target, text, vision, tmp_path).train()
+    options = config(epochs=1, save_dtype="float16", draft_vocab_size=40)
+    final = DraftTrainer(options, target, text, vision, tmp_path).train()
     saved = weights(final)
     floating = [name for name, tensor in saved.items() if tensor.is_floating_point()]
     assert floating
@@ -206,12 +205,7 @@ def test_save_dtype_writes_half_precision(tmp_path, setup):
     assert saved["draft_to_target"].dtype in (torch.int32, torch.int64)
 
     draft = DraftModel.from_pretrained(final, dtype=torch.float64)
-    inputs = llava_inputs(target.processor, "What is in this image?", [random_image(48, 40)])
-    plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=8)
-    drafted = SpeculativeGenerator(target, draft, TreeParams(depth=2, top_k=2, total_tokens=4)).generate(
-        inputs, max_new_tokens=8
-    )
-    assert drafted.token_ids == plain.token_ids
+    assert_decodes_like_plain(target, draft, TreeParams(depth=2, top_k=2, total_tokens=4))
 
 
 def test_invalid_save_dtype_raises():

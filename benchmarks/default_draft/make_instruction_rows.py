@@ -2,8 +2,8 @@
 
 The chit-chat prompts of `make_text_rows.py` are casual openers, so they rarely make the target explain, list or
 describe at length, and a draft trained on them alone learns little of that style. These rows fill that gap. Each
-prompt is a request template filled with an item of `TOPICS`, `ACTIVITIES` or `PAIRS`, 1,488 prompts in all. The
-topics of the benchmark's text prompts (`benchmarks/default_model/eval_prompts.jsonl`: the colour of the sky,
+prompt is a request template filled with an item of `TOPICS`, `ACTIVITIES` or `PAIRS`: 1,488 prompts from the main
+templates and 1,448 from the extra ones. The topics of the benchmark's text prompts (`benchmarks/default_model/eval_prompts.jsonl`: the colour of the sky,
 studying, the bicycle, lakes and seas) are in none of the lists, but the request styles are alike (why, tips, history,
 differences). As in the other row files, the answers are placeholders that `msd prepare-data --regenerate` replaces
 with the target's own answers.
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True, help="rows to write, a .jsonl file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row order (default 0)")
     parser.add_argument("--template-set", choices=sorted(TEMPLATE_SETS), default="main",
-                        help="request templates: main (1,488 prompts) or extra (1,448 more) (default main)")
+                        help="request templates: main (1,488 prompts, the default) or extra (1,448 more)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

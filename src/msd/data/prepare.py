@@ -190,8 +190,10 @@ class FeaturePreparer:
         )
 
     def process_rows(self, rows: Sequence, indices: Sequence[int]) -> list[tuple | RowError]:
-        """Read, answer (with --regenerate), run and record rows; returns per row `(key, record, entry)` or the
-        RowError that skips it."""
+        """Read, answer (with --regenerate), run and record rows.
+
+        Returns one outcome per row: `(key, record, entry)`, or the RowError that skips the row.
+        """
         outcomes: dict[int, tuple | RowError] = {}
         loaded = []  # (row index, conversation, images)
         for index in indices:
@@ -223,7 +225,8 @@ class FeaturePreparer:
     def record_row(self, conversation: Conversation, images: Sequence, index: int) -> tuple[str, dict, dict]:
         """Run the target over one conversation and build its stored record and manifest entry."""
         sample = self.encoder.encode(conversation, images)
-        # NOTE: one sample per target forward, because TargetAdapter.prefill takes batch 1; rows are not batched yet.
+        # NOTE: one sample per feature forward, because TargetAdapter.prefill takes batch 1. Only the --regenerate
+        # answers are generated in batches.
         try:
             prefill, _ = self.target.prefill(sample.inputs)
         except MSDError as error:
@@ -259,8 +262,9 @@ class FeaturePreparer:
             input_ids = sample.inputs["input_ids"][0]
             count = input_ids.shape[0]
             if self.regenerator is not None:
-                answers = [_message_text(message) for message in conversation.messages if message["role"] == "assistant"]
-                answer_tokens = sum(len(self.encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in answers)
+                answers = [_message_text(item) for item in conversation.messages if item["role"] == "assistant"]
+                tokenizer = self.encoder.tokenizer
+                answer_tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in answers)
                 count += len(answers) * self.settings.regenerate_max_tokens - answer_tokens
             tokens.append(count)
             visual.append(int((input_ids == self.target.image_token_id).sum()))

@@ -86,7 +86,9 @@ def use_small_batch_linears(module: nn.Module, max_rows: int = DEFAULT_MAX_ROWS)
     return changed
 
 
-def time_products(module: nn.Module, rows: Sequence[int] = CANDIDATE_ROWS, repeats: int = 5) -> dict[int, tuple[float, float]]:
+def time_products(
+    module: nn.Module, rows: Sequence[int] = CANDIDATE_ROWS, repeats: int = 5
+) -> dict[int, tuple[float, float]]:
     """Time `F.linear` and `(W @ x.T).T` over the module's weights, per row count: {rows: (linear s, transposed s)}.
 
     The timed weights are those of the most common weight shape (by parameters), such as a decoder's MLP matrices,
@@ -144,7 +146,9 @@ def choose_max_rows(module: nn.Module) -> int:
     chosen = pick_max_rows(times)
     ratios = ", ".join(f"{count} rows: {transposed / linear:.2f}" for count, (linear, transposed) in times.items())
     if chosen:
-        logger.info("CPU linear layers: W @ x.T for inputs of at most %d rows (time against F.linear at %s)", chosen, ratios)
+        logger.info(
+            "CPU linear layers: W @ x.T for inputs of at most %d rows (time against F.linear at %s)", chosen, ratios
+        )
     else:
         logger.info("CPU linear layers: keeping F.linear, W @ x.T was not faster (time against F.linear at %s)", ratios)
     return chosen
