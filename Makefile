@@ -63,7 +63,7 @@ benchmarks: setup embedded-setup
 	$(BIN)/python benchmarks/make_benchmarks_md.py $(BENCH_OUTPUT)/report.json \
 		--section $(BENCH_OUTPUT)/verify-cost.md --notes benchmarks/default_model/NOTES.md > BENCHMARKS.md
 
-# Retrains the default model's projector and drafts from the installed packages (about 1.5 hours on a 2-core CPU;
+# Retrains the default model's projector and drafts from the installed packages (about 2 hours on a 2-core CPU;
 # rerun to resume).
 # The photos come from the Debian package opencv-doc: apt-get install opencv-doc.
 default-model: embedded-setup

@@ -22,7 +22,8 @@ CONTEXT_KEYS = ("date", "device", "machine", "versions", "dtype", "target", "dra
 def run_section(path: Path) -> str:
     report = json.loads(path.read_text())
     context = report["context"]
-    lines = [f"## {context.get('target')} on {context.get('device')} ({context.get('date')})", ""]
+    target = Path(str(context.get("target"))).name  # the folder name; the full path is in the list below
+    lines = [f"## {target} on {context.get('device')} ({context.get('date')})", ""]
     lines += [f"- {key}: {context[key]}" for key in CONTEXT_KEYS if context.get(key) not in (None, {}, "")]
     tuning = context.get("tree_tuning")
     if tuning:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import pytest
 import torch
 from data_helpers import TinyQwen2VLProcessor, chat, write_images, write_jsonl
@@ -244,6 +246,18 @@ def test_regenerate_batch_size_checked(llava_target, tmp_path):
     )
     with pytest.raises(MSDError, match="--regenerate-batch-size must be at least 1, got 0"):
         prepare_features(llava_target, ROWS, settings)
+
+
+def test_resume_with_other_regenerate_batch_size_raises(llava_target, tmp_path):
+    # The batch size is in the dataset card: a resume that batches differently could store other answers.
+    settings = PrepareSettings(
+        output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_max_tokens=3,
+        regenerate_batch_size=2,
+    )
+    first = prepare_features(llava_target, ROWS[1:2], settings).stored
+    with pytest.raises(MSDError, match=r"regenerate_batch_size: 2 -> 4"):
+        prepare_features(llava_target, ROWS[1:2], replace(settings, regenerate_batch_size=4))
+    assert prepare_features(llava_target, ROWS[1:2], settings).stored == first == 1  # the same options resume
 
 
 def test_projected_size_counts_regenerated_answers(llava_target, image_root, tmp_path):

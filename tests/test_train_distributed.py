@@ -1,4 +1,7 @@
-"""`msd train` under `accelerate launch` with two CPU processes (gloo) saves the same shapes as one process."""
+"""`msd train` under `accelerate launch` with two CPU processes (gloo) saves the same shapes as one process.
+
+Both runs unroll two draft steps, so the distributed wrapper runs the draft twice before each backward pass.
+"""
 
 import os
 import subprocess
@@ -13,7 +16,7 @@ def train_command(launcher: list[str], target, text, output) -> list[str]:
     return launcher + [
         "-m", "msd", "train", "--target", str(target), "--text-data", str(text), "--output", str(output),
         "--epochs", "1", "--micro-batch-size", "1", "--gradient-accumulation", "1", "--mixed-precision", "no",
-        "--eval-samples", "1", "--warmup-steps", "1", "--learning-rate", "1e-3",
+        "--eval-samples", "1", "--warmup-steps", "1", "--learning-rate", "1e-3", "--unroll-steps", "2",
     ]
 
 

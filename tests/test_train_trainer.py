@@ -16,16 +16,12 @@ from msd.evaluate.method_setup import check_draft_kind
 from msd.train import CurriculumConfig, DraftTrainer, TrainConfig
 from msd.train.checkpoint import list_checkpoints
 from tiny_models import llava_inputs, random_image
-from train_helpers import prepare_folder, tiny_target
+from train_helpers import prepare_folder, tiny_sources, tiny_target
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("features")
-    target = tiny_target()
-    text = prepare_folder(target, folder / "text", 8, "text", answer_tokens=10)
-    vision = prepare_folder(target, folder / "vision", 4, "vision", answer_tokens=10)
-    return target, text, vision
+    return tiny_sources(tmp_path_factory.mktemp("features"), 8, 4, answer_tokens=10)
 
 
 def config(**options) -> TrainConfig:

@@ -67,3 +67,11 @@ def prepare_folder(target, folder: Path, count: int, kind: str, answer_tokens: i
     )
     prepare_features(target, rows, settings)
     return FeatureDataset(folder / "features")
+
+
+def tiny_sources(folder: Path, text_count: int, vision_count: int, answer_tokens: int):
+    """A tiny target with a text and a vision feature folder of self-distilled samples: (target, text, vision)."""
+    target = tiny_target()
+    text = prepare_folder(target, folder / "text", text_count, "text", answer_tokens=answer_tokens)
+    vision = prepare_folder(target, folder / "vision", vision_count, "vision", answer_tokens=answer_tokens)
+    return target, text, vision

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 DESCRIPTION = """\
 Train an MSD draft for a target from prepared features: text features first, then a ramp of multimodal features
@@ -73,6 +74,13 @@ def register(subparsers) -> None:
     for flag, (_, kind, text) in OVERRIDES.items():
         parser.add_argument(flag, type=kind, help=f"{text} (overrides the config)")
     parser.add_argument(
+        "--unroll-steps",
+        type=int,
+        metavar="N",
+        help="also train draft steps 2 .. N on the draft's own outputs, as the drafter runs them (training-time "
+        "test; about N times the cost per step; overrides the config's loss.unroll_steps)",
+    )
+    parser.add_argument(
         "--no-decouple-visual",
         dest="decouple_visual",
         action="store_const",
@@ -94,6 +102,8 @@ def run(arguments: argparse.Namespace) -> int:
     overrides = {field: getattr(arguments, flag[2:].replace("-", "_")) for flag, (field, _, _) in OVERRIDES.items()}
     overrides["decouple_visual"] = arguments.decouple_visual
     config = load_train_config(arguments.config).with_overrides(**overrides)
+    if arguments.unroll_steps is not None:
+        config = replace(config, loss=replace(config.loss, unroll_steps=arguments.unroll_steps))
     text_data = open_feature_folders(arguments.text_data) if arguments.text_data else None
     vision_data = open_feature_folders(arguments.vision_data) if arguments.vision_data else None
 

@@ -67,8 +67,8 @@ class PrepareSettings:
     shard_size: int = 128  # samples per safetensors file
     regenerate: bool = False
     regenerate_max_tokens: int = 512
-    # Prompts per generate call. It is not in the card, so a resume may change it. Padding can change float rounding,
-    # so an answer may differ from the batch-1 answer where the top two logits are within rounding of each other.
+    # Prompts per generate call, kept in the card: padding can change float rounding, so an answer may differ from the
+    # batch-1 answer where the top two logits are within rounding of each other, and a resume must batch alike.
     regenerate_batch_size: int = 16
     logged_skips: int = 5  # skipped rows whose reason is logged one by one
 
@@ -92,6 +92,7 @@ class PrepareSettings:
             "part_count": self.part.count,
             "regenerate": self.regenerate,
             "regenerate_max_tokens": self.regenerate_max_tokens if self.regenerate else None,
+            "regenerate_batch_size": self.regenerate_batch_size if self.regenerate else None,
         }
 
 

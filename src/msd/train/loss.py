@@ -21,6 +21,17 @@ Loss mask. head(h_{j+1}) is the target's distribution for token x_{j+2}, and at 
 that token. Slot j therefore counts when x_{j+2} is an assistant token (`loss_mask[j+2]`) and x_{j+1}, x_{j+2} are
 not padding. The last slot (j = T-2) never counts, because its x_{j+2} lies beyond the sequence. Both losses are
 means over the counted slots of the batch.
+
+Unrolled steps (`unroll_steps` n > 1, the training-time test of EAGLE-3). At inference only the first draft step reads
+a target feature; draft step s reads the draft's own output of step s - 1. Training step s therefore runs the draft
+again with slot j reading
+
+    token x_{j+1}, feature o^{s-1}_{j-1} (the previous step's output one slot back), position of x_{j+1}
+
+and attending, as the drafter's cache does, to the first step's slots up to its anchor a = j - s + 1 (computed from
+target features) and to its own chain: step t's slot a + t - 1 for t = 2 .. s. Its output is trained towards
+h_{j+1} as before. Slot j of step s counts when slot j and the anchor slot a both count, so the whole drafted chain
+lies in an assistant turn. The loss is the mean over steps, and agreement is reported per step.
 """
 
 from __future__ import annotations
@@ -29,26 +40,35 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from msd.errors import MSDError
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the two loss parts and the width of the input-feature noise.
+    """Weights of the two loss parts, the width of the input-feature noise and the number of unrolled draft steps.
 
-    The defaults are the values of the EAGLE and MSD research training: feature weight 1.0, token weight 0.1 and
-    noise drawn uniformly from [-noise_width / 2, noise_width / 2] with noise_width 0.2.
+    The defaults are the values of the EAGLE and MSD research training: feature weight 1.0, token weight 0.1,
+    noise drawn uniformly from [-noise_width / 2, noise_width / 2] with noise_width 0.2, and one step (the draft
+    always reads target features). unroll_steps n > 1 also trains draft steps 2 .. n on the draft's own outputs, at
+    about n times the cost of a training step.
     """
 
     feature_weight: float = 1.0
     token_weight: float = 0.1
     noise_width: float = 0.2
+    unroll_steps: int = 1
 
     def __post_init__(self):
         for name in ("feature_weight", "token_weight", "noise_width"):
             if getattr(self, name) < 0:
                 raise MSDError(f"loss option {name} must be zero or positive, got {getattr(self, name)}.")
+        if not isinstance(self.unroll_steps, int) or self.unroll_steps < 1:
+            raise MSDError(
+                f"loss option unroll_steps must be a whole number of at least 1, got {self.unroll_steps!r}. "
+                "1 trains the first draft step only; 2 or 3 also trains the steps that read the draft's own output."
+            )
 
 
 @dataclass
@@ -71,13 +91,15 @@ class DraftSlots:
 
 @dataclass
 class LossOutput:
-    """The weighted loss (differentiable) and detached parts for logging."""
+    """The weighted loss (differentiable) and detached parts for logging; agreements and slots are the first step's."""
 
     loss: torch.Tensor
     feature_loss: torch.Tensor
     token_loss: torch.Tensor
     agreements: int  # counted slots where the draft's top-1 token equals the target's
     slots: int  # counted slots
+    step_agreements: tuple[int, ...] = ()  # the same per unrolled step, the first step included
+    step_slots: tuple[int, ...] = ()
 
 
 def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
@@ -132,7 +154,7 @@ def compute_loss(
     generator: torch.Generator | None = None,
     target_head: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Run the draft over `slots` and return the weighted feature and token losses.
+    """Run the draft over `slots` for `config.unroll_steps` steps and return the weighted feature and token losses.
 
     draft_forward: the callable that runs the draft (the DDP or DeepSpeed wrapper in distributed training);
     draft: the attached, unwrapped DraftModel whose frozen head scores both feature sets; generator: source of the
@@ -143,30 +165,85 @@ def compute_loss(
     features = slots.features
     if generator is not None:
         features = add_uniform_noise(features, config.noise_width, generator)
-    output = draft_forward(
-        slots.token_ids,
-        features,
-        slots.position_ids,
-        attention_mask=slots.attention_mask,
-        visual_embeds=slots.visual_embeds,
-        visual_mask=slots.visual_mask,
-    )  # (B, S, H)
-
-    predicted = output[slots.counted].float()  # (N, H) counted slots only: the head's logits are large
-    expected = slots.target_features[slots.counted].float()  # (N, H)
-    if predicted.shape[0] == 0:
-        zero = output.sum() * 0.0  # keeps every parameter in the graph, as DDP requires
+    steps = run_steps(draft_forward, slots, features, config.unroll_steps)
+    parts = [step_loss(draft, output, slots.target_features, counted, target_head) for output, counted in steps]
+    if parts[0] is None:  # no counted slot in the batch, so none in a later step either
+        zero = steps[0][0].sum() * 0.0  # keeps every parameter in the graph, as DDP requires
         return LossOutput(zero, zero.detach(), zero.detach(), agreements=0, slots=0)
 
+    counted_parts = [part for part in parts if part is not None]
+    feature_loss = torch.stack([part[0] for part in counted_parts]).mean()
+    token_loss = torch.stack([part[1] for part in counted_parts]).mean()
+    loss = config.feature_weight * feature_loss + config.token_weight * token_loss
+    step_agreements = tuple(part[2] if part else 0 for part in parts)
+    step_slots = tuple(part[3] if part else 0 for part in parts)
+    return LossOutput(
+        loss, feature_loss.detach(), token_loss.detach(), step_agreements[0], step_slots[0], step_agreements, step_slots
+    )
+
+
+def run_steps(draft_forward, slots: DraftSlots, features: torch.Tensor, steps: int):
+    """Run draft steps 1 .. `steps` over `slots` and return each step's (output (B, S, H), counted (B, S) bool).
+
+    features: (B, S, H) the first step's input features (the target's, with noise in training). Later steps read
+    the previous step's output one slot back and attend through a shared KV cache, as the module docstring lays out.
+    """
+    cache = DynamicCache() if steps > 1 else None
+    results = []
+    for step in range(1, steps + 1):
+        if step == 1:
+            attention, counted = slots.attention_mask, slots.counted
+        else:
+            attention = unrolled_attention(slots.attention_mask, step)
+            counted = slots.counted & shift_right(slots.counted, step - 1)
+            features = shift_right(results[-1][0], 1)  # slot j reads the previous step's output at slot j - 1
+        output = draft_forward(
+            slots.token_ids,
+            features,
+            slots.position_ids,
+            attention_mask=attention,
+            cache=cache,
+            visual_embeds=slots.visual_embeds,
+            visual_mask=slots.visual_mask,
+        )  # (B, S, H)
+        results.append((output, counted))
+    return results
+
+
+def step_loss(draft, output, target_features, counted, target_head):
+    """Feature loss, token loss, agreements and slot count of one draft step over its counted slots, or None."""
+    predicted = output[counted].float()  # (N, H) counted slots only: the head's logits are large
+    expected = target_features[counted].float()  # (N, H)
+    if predicted.shape[0] == 0:
+        return None
     feature_loss = F.smooth_l1_loss(predicted, expected, reduction="none").mean(dim=-1).mean()
     with torch.no_grad():
         target_probs = torch.softmax(draft.compute_logits(expected).float(), dim=-1)  # (N, V_draft)
     draft_logits = draft.compute_logits(predicted).float()  # (N, V_draft)
     token_loss = -(target_probs * torch.log_softmax(draft_logits, dim=-1)).sum(dim=-1).mean()
-
-    loss = config.feature_weight * feature_loss + config.token_weight * token_loss
     agreements = count_agreements(draft, draft_logits, target_probs, expected, target_head)
-    return LossOutput(loss, feature_loss.detach(), token_loss.detach(), agreements, predicted.shape[0])
+    return feature_loss, token_loss, agreements, predicted.shape[0]
+
+
+def shift_right(values: torch.Tensor, by: int) -> torch.Tensor:
+    """Move (B, S, ...) values `by` slots to the right along dim 1, filling the first slots with zeros (False)."""
+    shifted = torch.zeros_like(values)
+    shifted[:, by:] = values[:, : values.shape[1] - by]
+    return shifted
+
+
+def unrolled_attention(first_step: torch.Tensor, step: int) -> torch.Tensor:
+    """The (B, 1, S, step * S) mask of draft step `step` over the keys of steps 1 .. step (see the module docstring).
+
+    first_step: (B, 1, S, S) the first step's mask. Step `step`'s slot j attends as row a = j - step + 1 of it does (the
+    anchor's causal, unpadded view) and, for each later step t, the single slot a + t - 1 of its chain.
+    """
+    length = first_step.shape[-1]
+    blocks = [shift_right(first_step[:, 0], step - 1)[:, None]]  # row j takes the anchor's row
+    for later in range(2, step + 1):
+        chain = torch.ones(length - (step - later), dtype=torch.bool, device=first_step.device)
+        blocks.append(torch.diag(chain, -(step - later)).expand_as(first_step))  # [j, j - (step - later)]
+    return torch.cat(blocks, dim=-1)
 
 
 @torch.no_grad()

@@ -289,23 +289,36 @@ class DraftTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1 agreement of draft and target, and the loss, on each source's held-out samples (no noise)."""
+        """Top-1 agreement of draft and target, and the loss, on each source's held-out samples (no noise).
+
+        With unrolled steps, agreement of each later draft step is reported too (`eval/<source>_top1_step<s>`).
+        """
         self.draft.eval()
         metrics = {}
+        steps = self.config.loss.unroll_steps
         for source in self.sources.values():
             held_out = source.held_out[self.accelerator.process_index :: self.accelerator.num_processes]
-            totals = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
+            # loss x slots, then agreements and slots of each step
+            totals = torch.zeros(1 + 2 * steps, dtype=torch.float64, device=self.accelerator.device)
             for start in range(0, len(held_out), self.config.micro_batch_size):
                 samples = [source.dataset[int(index)] for index in held_out[start : start + self.config.micro_batch_size]]
                 slots = build_slots(self._to_device(self.collate(samples)))
                 with self.accelerator.autocast():
                     output = compute_loss(self.draft, self.draft, slots, self.config.loss, None, self.target_head)
-                totals += torch.tensor([output.agreements, output.slots, float(output.loss) * output.slots],
-                                       dtype=torch.float64, device=totals.device)
-            agreements, slots, loss = self.accelerator.reduce(totals, reduction="sum").tolist()
-            if slots:
-                metrics[f"eval/{source.name}_top1"] = agreements / slots
-                metrics[f"eval/{source.name}_loss"] = loss / slots
+                counts = [0] * (2 * steps)
+                counts[: 2 * len(output.step_slots)] = [
+                    count for pair in zip(output.step_agreements, output.step_slots) for count in pair
+                ]
+                totals += torch.tensor([float(output.loss) * output.slots, *counts], dtype=torch.float64,
+                                       device=totals.device)
+            loss, *counts = self.accelerator.reduce(totals, reduction="sum").tolist()
+            for step in range(1, steps + 1):
+                agreements, slots = counts[2 * step - 2], counts[2 * step - 1]
+                if slots:
+                    suffix = "" if step == 1 else f"_step{step}"
+                    metrics[f"eval/{source.name}_top1{suffix}"] = agreements / slots
+            if counts[1]:
+                metrics[f"eval/{source.name}_loss"] = loss / counts[1]
         self.draft.train()
         return metrics
 
