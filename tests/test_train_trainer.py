@@ -15,6 +15,7 @@ from msd.errors import MSDError
 from msd.evaluate.method_setup import check_draft_kind
 from msd.train import CurriculumConfig, DraftTrainer, TrainConfig
 from msd.train.checkpoint import list_checkpoints
+from msd.train.loss import LossConfig
 from tiny_models import llava_inputs, random_image
 from train_helpers import prepare_folder, tiny_sources, tiny_target
 
@@ -65,6 +66,25 @@ def test_resume_with_other_batch_geometry_raises(tmp_path, setup):
     DraftTrainer(config(), target, text, vision, tmp_path).train(stop_at_step=2)
     with pytest.raises(MSDError, match="draws_per_step"):
         DraftTrainer(config(micro_batch_size=1), target, text, vision, tmp_path).train(resume=True)
+
+
+def test_resume_with_changed_options_warns(tmp_path, setup, caplog):
+    # Options that do not change the sample order may change on resume, and the log names each one.
+    target, text, vision = setup
+    DraftTrainer(config(), target, text, vision, tmp_path).train(stop_at_step=2)
+    changed = config(loss=LossConfig(unroll_steps=2), learning_rate=2e-3)
+    with caplog.at_level("WARNING"):
+        DraftTrainer(changed, target, text, vision, tmp_path).train(resume=True)
+    assert "loss.unroll_steps: 1 -> 2" in caplog.text
+    assert "learning_rate: 0.001 -> 0.002" in caplog.text
+
+
+def test_long_warmup_warns(tmp_path, setup, caplog):
+    # A warm-up as long as the run never reaches the peak learning rate.
+    target, text, vision = setup
+    with caplog.at_level("WARNING"):
+        DraftTrainer(config(warmup_steps=1000), target, text, vision, tmp_path)
+    assert "Lower --warmup-steps" in caplog.text
 
 
 def test_checkpoints_load_and_rotate(tmp_path, setup):
@@ -184,6 +204,8 @@ def test_invalid_config_raises():
         TrainConfig(micro_batch_size=0)
     with pytest.raises(MSDError, match="unknown training options"):
         TrainConfig.from_dict({"learning_rat": 1.0})
+    with pytest.raises(MSDError, match=r"unknown loss options \['unroll_step'\]"):
+        TrainConfig.from_dict({"loss": {"unroll_step": 2}})
     with pytest.raises(MSDError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
 

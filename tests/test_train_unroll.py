@@ -100,7 +100,20 @@ def test_loss_reports_each_step(setup):
     assert three.step_slots[2] < three.step_slots[1] < three.step_slots[0]
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5])
+def test_more_steps_than_slots_run(setup):
+    # Steps beyond the sequence length have no counted slot, so they add nothing and raise nothing.
+    target, text, _ = setup
+    draft = fresh_draft(target)
+    slots = build_slots(collate_features([text[0], text[1]]))
+    steps = slots.token_ids.shape[1] + 2
+    with torch.no_grad():
+        output = compute_loss(draft, draft, slots, LossConfig(unroll_steps=steps))
+    assert len(output.step_slots) == steps
+    assert output.step_slots[-1] == 0
+    assert torch.isfinite(output.loss)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_invalid_unroll_steps_raise(value):
     with pytest.raises(MSDError, match="unroll_steps"):
         LossConfig(unroll_steps=value)

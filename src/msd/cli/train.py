@@ -26,9 +26,13 @@ OVERRIDES = {
     "--seed": ("seed", int, "seed of initialisation, data order and noise"),
     "--save-every": ("save_every", int, "optimizer steps between checkpoints; 0 turns step checkpoints off"),
     "--keep-checkpoints": ("keep_checkpoints", int, "checkpoints kept; older ones are deleted"),
-    "--eval-every": ("eval_every", int, "optimizer steps between held-out evaluations; 0 evaluates per epoch"),
+    "--eval-every": (
+        "eval_every",
+        int,
+        "optimizer steps between held-out evaluations, besides the one at each epoch end; 0: epoch ends only",
+    ),
     "--eval-samples": ("eval_samples", int, "held-out samples per source"),
-    "--log-every": ("log_every", int, "optimizer steps between metric logs"),
+    "--log-every": ("log_every", int, "optimizer steps between metric logs, besides the one at each epoch end"),
     "--num-workers": ("num_workers", int, "data loader worker processes"),
     "--draft-vocab-size": (
         "draft_vocab_size",
@@ -78,7 +82,7 @@ def register(subparsers) -> None:
         type=int,
         metavar="N",
         help="also train draft steps 2 .. N on the draft's own outputs, as the drafter runs them (training-time "
-        "test; about N times the cost per step; overrides the config's loss.unroll_steps)",
+        "test; up to N times the time per step; overrides the config's loss.unroll_steps, whose default is 1)",
     )
     parser.add_argument(
         "--no-decouple-visual",

@@ -89,6 +89,15 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise MSDError(f"unknown training options {unknown}; valid options: {', '.join(sorted(known))}.")
+        for name, kind in (("loss", LossConfig), ("curriculum", CurriculumConfig)):
+            if name not in data:
+                continue
+            if not isinstance(data[name], dict):
+                raise MSDError(f"training option {name} must be a mapping of option names to values.")
+            options = {item.name for item in fields(kind)}
+            unknown = sorted(set(data[name]) - options)
+            if unknown:
+                raise MSDError(f"unknown {name} options {unknown}; valid {name} options: {', '.join(sorted(options))}.")
         try:
             if "loss" in data:
                 data["loss"] = LossConfig(**data["loss"])
@@ -129,4 +138,7 @@ def load_train_config(path: str | Path | None) -> TrainConfig:
             raise MSDError(f"invalid JSON in training config {path}: {error}") from None
     if not isinstance(data, dict):
         raise MSDError(f"training config {path} must hold a mapping of option names to values.")
-    return TrainConfig.from_dict(data)
+    try:
+        return TrainConfig.from_dict(data)
+    except MSDError as error:
+        raise MSDError(f"training config {path}: {error}") from None

@@ -52,7 +52,7 @@ class LossConfig:
     The defaults are the values of the EAGLE and MSD research training: feature weight 1.0, token weight 0.1,
     noise drawn uniformly from [-noise_width / 2, noise_width / 2] with noise_width 0.2, and one step (the draft
     always reads target features). unroll_steps n > 1 also trains draft steps 2 .. n on the draft's own outputs, at
-    about n times the cost of a training step.
+    up to n times the time of a training step.
     """
 
     feature_weight: float = 1.0
@@ -64,10 +64,12 @@ class LossConfig:
         for name in ("feature_weight", "token_weight", "noise_width"):
             if getattr(self, name) < 0:
                 raise MSDError(f"loss option {name} must be zero or positive, got {getattr(self, name)}.")
-        if not isinstance(self.unroll_steps, int) or self.unroll_steps < 1:
+        steps = self.unroll_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise MSDError(
-                f"loss option unroll_steps must be a whole number of at least 1, got {self.unroll_steps!r}. "
-                "1 trains the first draft step only; 2 or 3 also trains the steps that read the draft's own output."
+                f"loss option unroll_steps (--unroll-steps) must be a whole number of at least 1, got {steps!r}. "
+                "1 trains the first draft step only; N > 1 also trains steps 2 .. N, which read the draft's own "
+                "output, as deep as the tree you will draft (2 for a depth-2 chain)."
             )
 
 
@@ -228,21 +230,24 @@ def step_loss(draft, output, target_features, counted, target_head):
 def shift_right(values: torch.Tensor, by: int) -> torch.Tensor:
     """Move (B, S, ...) values `by` slots to the right along dim 1, filling the first slots with zeros (False)."""
     shifted = torch.zeros_like(values)
-    shifted[:, by:] = values[:, : values.shape[1] - by]
+    if by < values.shape[1]:  # a shift past the last slot leaves only zeros
+        shifted[:, by:] = values[:, : values.shape[1] - by]
     return shifted
 
 
 def unrolled_attention(first_step: torch.Tensor, step: int) -> torch.Tensor:
-    """The (B, 1, S, step * S) mask of draft step `step` over the keys of steps 1 .. step (see the module docstring).
+    """Build the (B, 1, S, step * S) mask of draft step `step` over the keys of steps 1 .. step (module docstring).
 
     first_step: (B, 1, S, S) the first step's mask. Step `step`'s slot j attends as row a = j - step + 1 of it does (the
     anchor's causal, unpadded view) and, for each later step t, the single slot a + t - 1 of its chain.
     """
     length = first_step.shape[-1]
     blocks = [shift_right(first_step[:, 0], step - 1)[:, None]]  # row j takes the anchor's row
+    ones = torch.ones(length, length, dtype=torch.bool, device=first_step.device)
     for later in range(2, step + 1):
-        chain = torch.ones(length - (step - later), dtype=torch.bool, device=first_step.device)
-        blocks.append(torch.diag(chain, -(step - later)).expand_as(first_step))  # [j, j - (step - later)]
+        offset = step - later
+        chain = ones.tril(-offset).triu(-offset)  # True at [j, j - offset] only, empty when offset >= length
+        blocks.append(chain.expand_as(first_step))
     return torch.cat(blocks, dim=-1)
 
 

@@ -11,6 +11,7 @@ The target is loaded for its embedding and LM head only; both stay frozen and ar
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,12 @@ class DraftTrainer:
         optimizer = torch.optim.AdamW(
             parameters, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
         )
+        if config.warmup_steps >= self.total_steps:
+            logger.warning(
+                "the learning-rate warm-up (%d steps) is not shorter than the run (%d optimizer steps), so the "
+                "learning rate never reaches %g. Lower --warmup-steps.",
+                config.warmup_steps, self.total_steps, config.learning_rate,
+            )
         self.scheduler = get_scheduler(
             config.lr_schedule,
             optimizer,
@@ -345,6 +352,9 @@ class DraftTrainer:
                     f"{current}. Resume with the same micro_batch_size, gradient_accumulation, process count and "
                     "seed, or start a new run."
                 )
+        changed = changed_options(state.get("config", {}), self.config.as_dict())
+        if changed:
+            logger.warning("resuming %s with changed training options: %s", checkpoint, "; ".join(changed))
         self.accelerator.load_state(str(checkpoint / "state"))
         position = CurriculumPosition(**state["position"])
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], position.epoch + 1)
@@ -371,6 +381,19 @@ class _PlanSamples(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return sum(len(dataset) for dataset in self.datasets.values())
+
+
+def changed_options(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """List options whose values differ between a checkpoint's saved config and this run's, as "name: old -> new"."""
+    current = json.loads(json.dumps(current))  # tuples become lists, as in the saved JSON
+    changed = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name), current.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_options(old, new, f"{prefix}{name}.")
+        elif old != new:
+            changed.append(f"{prefix}{name}: {old!r} -> {new!r}")
+    return changed
 
 
 def _noise_seed(seed: int, rank: int, step: int, keys) -> int:
