@@ -100,6 +100,19 @@ def test_loss_reports_each_step(setup):
     assert three.step_slots[2] < three.step_slots[1] < three.step_slots[0]
 
 
+def test_batch_without_counted_slots(setup):
+    # A batch with nothing to count still reports one zero count per step, which the trainer's evaluation sums.
+    target, text, _ = setup
+    draft = fresh_draft(target)
+    slots = build_slots(collate_features([text[0]]))
+    slots.counted = torch.zeros_like(slots.counted)
+    with torch.no_grad():
+        output = compute_loss(draft, draft, slots, LossConfig(unroll_steps=2))
+    assert output.step_slots == (0, 0)
+    assert output.step_agreements == (0, 0)
+    assert float(output.loss) == 0.0
+
+
 def test_more_steps_than_slots_run(setup):
     # Steps beyond the sequence length have no counted slot, so they add nothing and raise nothing.
     target, text, _ = setup

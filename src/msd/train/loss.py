@@ -100,7 +100,7 @@ class LossOutput:
     token_loss: torch.Tensor
     agreements: int  # counted slots where the draft's top-1 token equals the target's
     slots: int  # counted slots
-    step_agreements: tuple[int, ...] = ()  # the same per unrolled step, the first step included
+    step_agreements: tuple[int, ...] = ()  # agreements per unrolled step, the first step included
     step_slots: tuple[int, ...] = ()
 
 
@@ -171,7 +171,8 @@ def compute_loss(
     parts = [step_loss(draft, output, slots.target_features, counted, target_head) for output, counted in steps]
     if parts[0] is None:  # no counted slot in the batch, so none in a later step either
         zero = steps[0][0].sum() * 0.0  # keeps every parameter in the graph, as DDP requires
-        return LossOutput(zero, zero.detach(), zero.detach(), agreements=0, slots=0)
+        none = (0,) * len(steps)
+        return LossOutput(zero, zero.detach(), zero.detach(), 0, 0, step_agreements=none, step_slots=none)
 
     counted_parts = [part for part in parts if part is not None]
     feature_loss = torch.stack([part[0] for part in counted_parts]).mean()

@@ -312,10 +312,7 @@ class DraftTrainer:
                 slots = build_slots(self._to_device(self.collate(samples)))
                 with self.accelerator.autocast():
                     output = compute_loss(self.draft, self.draft, slots, self.config.loss, None, self.target_head)
-                counts = [0] * (2 * steps)
-                counts[: 2 * len(output.step_slots)] = [
-                    count for pair in zip(output.step_agreements, output.step_slots) for count in pair
-                ]
+                counts = [count for pair in zip(output.step_agreements, output.step_slots) for count in pair]
                 totals += torch.tensor([float(output.loss) * output.slots, *counts], dtype=torch.float64,
                                        device=totals.device)
             loss, *counts = self.accelerator.reduce(totals, reduction="sum").tolist()
