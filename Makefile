@@ -60,8 +60,10 @@ benchmarks: setup embedded-setup
 		$(BENCH_OPTIONS) --output $(BENCH_OUTPUT) || exit 1; \
 	$(BIN)/python benchmarks/default_model/verify_cost.py --target "$$target" --draft $(DEMO_DRAFT) \
 		--image src/msd/evaluate/local_task/images/chelsea.jpg --output $(BENCH_OUTPUT)/verify-cost.md || exit 1; \
-	$(BIN)/python benchmarks/make_benchmarks_md.py $(BENCH_OUTPUT)/report.json \
-		--section $(BENCH_OUTPUT)/verify-cost.md --notes benchmarks/default_model/NOTES.md > BENCHMARKS.md
+	$(BIN)/python benchmarks/default_model/acceptance_by_confidence.py --target "$$target" --draft $(DEMO_DRAFT) \
+		--prompts $(BENCH_DATA) --output $(BENCH_OUTPUT)/acceptance.md || exit 1; \
+	$(BIN)/python benchmarks/make_benchmarks_md.py $(BENCH_OUTPUT)/report.json --section $(BENCH_OUTPUT)/verify-cost.md \
+		--section $(BENCH_OUTPUT)/acceptance.md --notes benchmarks/default_model/NOTES.md > BENCHMARKS.md
 
 # Retrains the default model's projector and drafts from the installed packages (about 2 hours on a 2-core CPU;
 # rerun to resume).

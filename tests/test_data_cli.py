@@ -121,6 +121,25 @@ def test_bad_option_exits_with_message(workspace, tmp_path, capsys):
     assert "--regenerate-batch-size must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--kind", "images"], "unknown dataset kind 'images'"),
+        (["--max-length", "1"], "--max-length must be at least 2 tokens, got 1"),
+        (["--shard-size", "0"], "--shard-size must be at least 1 sample, got 0"),
+        (["--start", "-1"], "--start must be 0 or more, got -1"),
+        (["--regenerate", "--regenerate-max-tokens", "0"], "--regenerate-max-tokens must be at least 1, got 0"),
+    ],
+)
+def test_bad_value_fails_before_the_target_loads(workspace, tmp_path, capsys, options, message):
+    # The target path does not exist: each bad value must be named first, without waiting for a model to load.
+    command = arguments(workspace, tmp_path / "out") + options
+    command[command.index("--target") + 1] = str(tmp_path / "no-such-target")
+    assert main(command) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def reference(workspace, tmp_path_factory):
     """Manifests and shards of an uninterrupted run."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 from dataclasses import replace
 
@@ -240,12 +242,10 @@ def test_regenerate_answers_each_turn(llava_target, tmp_path):
     assert "And letters?" in text
 
 
-def test_regenerate_batch_size_checked(llava_target, tmp_path):
-    settings = PrepareSettings(
-        output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_batch_size=0
-    )
+def test_regenerate_batch_size_checked(tmp_path):
+    # The settings check their own values, before any target is involved.
     with pytest.raises(MSDError, match="--regenerate-batch-size must be at least 1, got 0"):
-        prepare_features(llava_target, ROWS, settings)
+        PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_batch_size=0)
 
 
 def test_resume_with_other_regenerate_batch_size_raises(llava_target, tmp_path):
@@ -276,3 +276,17 @@ def test_projected_size_counts_regenerated_answers(llava_target, image_root, tmp
         # the tiny word tokenizer re-encodes a decoded answer into somewhat more tokens than were generated
         assert summary.projected_bytes == pytest.approx(data_bytes, rel=0.3)
     assert sizes[40] > sizes[2]
+
+
+def test_written_files_get_the_usual_permissions(llava_target, tmp_path):
+    # Shards, manifests, state and card are written under temporary names and renamed; each must end up with the
+    # permissions the umask gives any new file, so a shared dataset folder stays readable for the group.
+    umask = os.umask(0o022)
+    try:
+        settings = PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, shard_size=1)
+        prepare_features(llava_target, ROWS[1:3], settings)
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in settings.output.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o644}, modes

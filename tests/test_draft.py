@@ -1,9 +1,12 @@
 """The MSD draft: files, the fit check, visual slots, and the drafter's tree against sequential drafting."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from msd.decoding.drafter import MSDDrafter
 from msd.decoding.tree import TreeParams
@@ -28,8 +31,9 @@ def run_slots(draft, target, length=6, visual_at=(2, 3), seed=0):
     return tokens, features, positions, visual_embeds, visual_mask
 
 
-def test_save_load_round_trip(family, tmp_path):
-    draft = make_draft(family.target)
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_save_load_round_trip(family, tmp_path, num_layers):
+    draft = make_draft(family.target, num_layers=num_layers)
     tokens, features, positions, visual_embeds, visual_mask = run_slots(draft, family.target)
     before = draft(tokens, features, positions, visual_embeds=visual_embeds, visual_mask=visual_mask)
     draft.save_pretrained(tmp_path / "draft")
@@ -38,6 +42,37 @@ def test_save_load_round_trip(family, tmp_path):
     torch.testing.assert_close(before, after, rtol=0, atol=0)
     # The shared embedding and LM head are not part of the saved weights.
     assert not any("embed" in name or "head" in name for name in loaded.state_dict())
+    assert loaded.config.num_layers == num_layers
+    assert {name.split(".")[1] for name in loaded.state_dict() if name.startswith("layers.")} == {
+        str(index) for index in range(num_layers)
+    }
+
+
+def test_draft_from_earlier_msd_loads(llava_family, tmp_path):
+    # Drafts saved before drafts could have several layers name the decoder layer `layer.*`; they load unchanged.
+    draft = make_draft(llava_family.target)
+    draft.save_pretrained(tmp_path / "draft")
+    path = tmp_path / "draft" / "model.safetensors"
+    weights = load_file(str(path))
+    save_file({name.replace("layers.0.", "layer.", 1): tensor for name, tensor in weights.items()}, str(path))
+    config = json.loads((tmp_path / "draft" / "config.json").read_text())
+    del config["num_layers"]
+    (tmp_path / "draft" / "config.json").write_text(json.dumps(config))
+    loaded = DraftModel.from_pretrained(tmp_path / "draft").attach(llava_family.target)
+    tokens, features, positions, visual_embeds, visual_mask = run_slots(draft, llava_family.target)
+    torch.testing.assert_close(
+        loaded(tokens, features, positions, visual_embeds=visual_embeds, visual_mask=visual_mask),
+        draft(tokens, features, positions, visual_embeds=visual_embeds, visual_mask=visual_mask),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_invalid_layer_count_rejected(llava_family, value):
+    # A draft needs at least one decoder layer, counted by a whole number.
+    with pytest.raises(MSDError, match="num_layers"):
+        DraftConfig.for_target(llava_family.target, num_layers=value)
 
 
 def test_visual_slot_ignores_target_feature(llava_family):
@@ -95,7 +130,6 @@ def test_load_errors(llava_family, tmp_path):
 def test_missing_weights_rejected(llava_family, tmp_path):
     draft = make_draft(llava_family.target)
     draft.save_pretrained(tmp_path / "draft")
-    from safetensors.torch import load_file, save_file
 
     weights = load_file(str(tmp_path / "draft" / "model.safetensors"))
     del weights["fc.weight"]
@@ -115,12 +149,16 @@ def sequential_logprobs(family, inputs, draft, path_tokens):
     return drafter.root_logprobs
 
 
-@pytest.mark.parametrize("tree", [TreeParams(3, 2, 12), TreeParams(4, 3, 10)], ids=["full", "pruned"])
-def test_drafter_tree_matches_sequential(family, images, tree):
+@pytest.mark.parametrize(
+    "tree, num_layers",
+    [(TreeParams(3, 2, 12), 1), (TreeParams(4, 3, 10), 1), (TreeParams(3, 2, 12), 2)],
+    ids=["full", "pruned", "full-two-layers"],
+)
+def test_drafter_tree_matches_sequential(family, images, tree, num_layers):
     # Each child in the proposed tree must be among the top-k of the draft's sequential prediction at its parent.
-    # This checks the draft's tree attention mask, its positions and its cache handling.
+    # This checks the draft's tree attention mask, its positions and its cache handling (per layer).
     inputs = family.make_inputs("Describe it", images[:1])
-    draft = make_draft(family.target, seed=5)
+    draft = make_draft(family.target, seed=5, num_layers=num_layers)
     drafter = MSDDrafter(draft, family.target)
     prefill, state = family.target.prefill(inputs)
     root = int(prefill.logits.argmax())
@@ -139,3 +177,13 @@ def test_drafter_tree_matches_sequential(family, images, tree):
         logprobs = sequential_logprobs(family, inputs, draft, path_tokens)
         top = set(logprobs.topk(tree.top_k).indices.tolist())
         assert set(children[node]) <= top, (node, path_tokens)
+
+
+def test_saved_draft_gets_the_usual_permissions(llava_family, tmp_path):
+    # The weights are written under a temporary name and renamed; the file must not end up private to its owner.
+    umask = os.umask(0o022)
+    try:
+        make_draft(llava_family.target).save_pretrained(tmp_path / "draft")
+    finally:
+        os.umask(umask)
+    assert {stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "draft").iterdir()} == {0o644}

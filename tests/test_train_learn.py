@@ -22,12 +22,14 @@ def agreement(draft, target, dataset) -> float:
     return output.agreements / output.slots
 
 
-def test_training_raises_agreement_and_tau(tmp_path):
+@pytest.mark.parametrize("draft_layers", [1, 2])
+def test_training_raises_agreement_and_tau(tmp_path, draft_layers):
+    # A trained draft is accepted often, so its decoding exercises long accepted paths: still identical to plain.
     target = tiny_target()
     text = prepare_folder(target, tmp_path / "text", 8, "text", answer_tokens=20)
     config = TrainConfig(epochs=60, micro_batch_size=2, gradient_accumulation=1, learning_rate=5e-3, warmup_steps=10,
                          mixed_precision="no", save_every=0, save_each_epoch=False, eval_samples=0, log_every=50,
-                         curriculum=CurriculumConfig(text_only=60, ramp=0))
+                         draft_layers=draft_layers, curriculum=CurriculumConfig(text_only=60, ramp=0))
     trainer = DraftTrainer(config, target, text, None, tmp_path / "out")
     untrained = copy.deepcopy(trainer.draft)
     trained = DraftModel.from_pretrained(trainer.train())
@@ -38,6 +40,10 @@ def test_training_raises_agreement_and_tau(tmp_path):
     inputs = llava_inputs(target.processor, QUESTIONS[2] + " Item 2.", [])
     tree = TreeParams(depth=4, top_k=4, total_tokens=16)
     tau_before = SpeculativeGenerator(target, untrained, tree).generate(inputs, max_new_tokens=20).stats.tau
-    tau_after = SpeculativeGenerator(target, trained, tree).generate(inputs, max_new_tokens=20).stats.tau
+    drafted = SpeculativeGenerator(target, trained, tree).generate(inputs, max_new_tokens=20)
+    tau_after = drafted.stats.tau
     print(f"top-1 agreement {before:.3f} -> {after:.3f}; tau {tau_before:.2f} -> {tau_after:.2f}")
+    assert trained.config.num_layers == draft_layers
     assert tau_after > tau_before + 0.3
+    plain = target.model.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert drafted.token_ids == plain.tolist()

@@ -130,6 +130,23 @@ def test_cli_flag_trains_the_ablation(tmp_path, setup):
     assert DraftModel.from_pretrained(tmp_path / "msd" / "draft").config.decouple_visual is True
 
 
+def test_cli_trains_a_draft_with_more_layers(tmp_path, setup):
+    # `msd train --draft-layers 2` builds a fresh two-layer draft that decodes losslessly; starting from that draft
+    # with another layer count is refused rather than silently ignored
+    target, text, vision = setup
+    target.model.save_pretrained(tmp_path / "target")
+    target.processor.save_pretrained(tmp_path / "target")
+    common = ["train", "--target", str(tmp_path / "target"), "--text-data", str(text.folder), "--epochs", "1",
+              "--micro-batch-size", "2", "--mixed-precision", "no", "--eval-samples", "0", "--warmup-steps", "1"]
+    assert main(common + ["--output", str(tmp_path / "two"), "--draft-layers", "2"]) == 0
+    draft = DraftModel.from_pretrained(tmp_path / "two" / "draft")
+    assert draft.config.num_layers == 2
+    assert_decodes_like_plain(target, draft, TreeParams(depth=3, top_k=2, total_tokens=6))
+
+    with pytest.raises(MSDError, match="draft_layers 3 does not match"):
+        DraftTrainer(config(draft_layers=3), target, text, vision, tmp_path / "three", draft=draft)
+
+
 def test_metrics_include_heldout_agreement(tmp_path, setup, caplog):
     target, text, vision = setup
     trainer = DraftTrainer(config(eval_samples=1, epochs=1), target, text, vision, tmp_path)
@@ -208,6 +225,9 @@ def test_invalid_config_raises():
         TrainConfig.from_dict({"loss": {"unroll_step": 2}})
     with pytest.raises(MSDError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
+    for layers in (0, True):
+        with pytest.raises(MSDError, match="draft_layers"):
+            TrainConfig(draft_layers=layers)
 
 
 def test_save_dtype_writes_half_precision(tmp_path, setup):

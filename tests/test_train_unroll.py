@@ -18,9 +18,9 @@ def setup(tmp_path_factory):
     return tiny_sources(tmp_path_factory.mktemp("unroll"), 3, 2, answer_tokens=12)
 
 
-def fresh_draft(target):
+def fresh_draft(target, num_layers=1):
     torch.manual_seed(4)
-    return DraftModel(DraftConfig.for_target(target)).attach(target).eval()
+    return DraftModel(DraftConfig.for_target(target, num_layers=num_layers)).attach(target).eval()
 
 
 def chain_output(draft, slots, sample: int, anchor: int, steps: int) -> torch.Tensor:
@@ -49,11 +49,13 @@ def chain_output(draft, slots, sample: int, anchor: int, steps: int) -> torch.Te
     return output
 
 
-def test_unrolled_steps_match_sequential_drafting(setup):
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_unrolled_steps_match_sequential_drafting(setup, num_layers):
     # Step s at slot j must equal drafting s - 1 tokens one at a time after the anchor slot j - s + 1. The batch mixes
-    # a text and an image sample of different lengths, so padding and visual slots are both in it.
+    # a text and an image sample of different lengths, so padding and visual slots are both in it. With two decoder
+    # layers each layer keeps its own keys and values in the shared cache.
     target, text, vision = setup
-    draft = fresh_draft(target)
+    draft = fresh_draft(target, num_layers)
     batch = collate_features([text[0], vision[0]])
     slots = build_slots(batch)
     assert bool(slots.visual_mask.any())

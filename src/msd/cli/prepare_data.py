@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from msd.cli.options import DTYPES
-from msd.errors import MSDError
 
 DESCRIPTION = """\
 Run the target over instruction data with teacher forcing and store, per sample, the token ids, the target's
@@ -130,13 +129,10 @@ def register(subparsers) -> None:
 def run(arguments: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from msd.data.prepare import PrepareSettings, prepare_features, resolve_kind
+    from msd.data.prepare import PrepareSettings, prepare_features
     from msd.data.rows import Part, open_rows
     from msd.targets import load_target
 
-    resolve_kind(arguments.kind)  # fail on a bad name before loading anything
-    if arguments.max_length < 2:
-        raise MSDError(f"--max-length must be at least 2 tokens, got {arguments.max_length}")
     state = PartialState()
     part = Part.parse(arguments.shard) if arguments.shard else Part()
     if state.num_processes > 1:
@@ -145,9 +141,7 @@ def run(arguments: argparse.Namespace) -> int:
     if device == "auto":
         device = state.device
 
-    rows = open_rows(arguments.data, arguments.split)
-    target = load_target(arguments.target, dtype=arguments.dtype, device=device)
-    settings = PrepareSettings(
+    settings = PrepareSettings(  # checks every value that needs no target, before anything loads
         output=Path(arguments.output),
         kind=arguments.kind,
         max_length=arguments.max_length,
@@ -163,6 +157,8 @@ def run(arguments: argparse.Namespace) -> int:
         regenerate_batch_size=arguments.regenerate_batch_size,
         logged_skips=arguments.log_skipped,
     )
+    rows = open_rows(arguments.data, arguments.split)
+    target = load_target(arguments.target, dtype=arguments.dtype, device=device)
     summary = prepare_features(target, rows, settings, source=str(arguments.data))
 
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(summary.skipped.items())) or "none"

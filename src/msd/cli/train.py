@@ -39,6 +39,7 @@ OVERRIDES = {
         int,
         "a fresh draft scores only this many target tokens, the most frequent in the training answers",
     ),
+    "--draft-layers": ("draft_layers", int, "decoder layers of a fresh draft (research drafts have one)"),
     "--save-dtype": ("save_dtype", str, "dtype of the final draft's weights: float32, float16 or bfloat16"),
 }
 

@@ -72,6 +72,24 @@ class PrepareSettings:
     regenerate_batch_size: int = 16
     logged_skips: int = 5  # skipped rows whose reason is logged one by one
 
+    def __post_init__(self):
+        # Checks that need no target, so a bad value fails before the target loads.
+        resolve_kind(self.kind)
+        if self.store_dtype not in STORE_DTYPES:
+            raise MSDError(f"invalid store dtype {self.store_dtype!r}; use {' or '.join(STORE_DTYPES)}.")
+        if self.max_length < 2:
+            raise MSDError(f"--max-length must be at least 2 tokens, got {self.max_length}.")
+        if self.start < 0:
+            raise MSDError(f"--start must be 0 or more, got {self.start}.")
+        if self.limit is not None and self.limit < 0:
+            raise MSDError(f"--limit must be 0 or more, got {self.limit}.")
+        if self.shard_size < 1:
+            raise MSDError(f"--shard-size must be at least 1 sample, got {self.shard_size}.")
+        if self.regenerate_max_tokens < 1:
+            raise MSDError(f"--regenerate-max-tokens must be at least 1, got {self.regenerate_max_tokens}.")
+        if self.regenerate_batch_size < 1:
+            raise MSDError(f"--regenerate-batch-size must be at least 1, got {self.regenerate_batch_size}.")
+
     def card_settings(self, target: TargetAdapter, source: str) -> dict:
         """The settings every part and every resume must share, as stored in the dataset card."""
         return {
@@ -129,17 +147,11 @@ class FeaturePreparer:
     """Turns rows into stored target features for one part of a row source."""
 
     def __init__(self, target: TargetAdapter, settings: PrepareSettings):
-        if settings.store_dtype not in STORE_DTYPES:
-            raise MSDError(f"invalid store dtype {settings.store_dtype!r}; use {' or '.join(STORE_DTYPES)}.")
         if settings.max_length >= target.max_positions:
             raise MSDError(
                 f"--max-length {settings.max_length} must be below the target's context of {target.max_positions} "
                 "tokens."
             )
-        if settings.regenerate_max_tokens < 1:
-            raise MSDError(f"--regenerate-max-tokens must be at least 1, got {settings.regenerate_max_tokens}.")
-        if settings.regenerate_batch_size < 1:
-            raise MSDError(f"--regenerate-batch-size must be at least 1, got {settings.regenerate_batch_size}.")
         self.target = target
         self.settings = settings
         self.kind = resolve_kind(settings.kind)

@@ -17,15 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from msd.errors import MSDError
+from msd.files import atomic_save_tensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -33,24 +32,6 @@ CARD_NAME = "dataset_card.json"
 MANIFEST_SUFFIX = ".manifest.jsonl"
 STATE_SUFFIX = ".state.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a part of it."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    with handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 @dataclass

@@ -19,12 +19,13 @@ class DraftConfig:
     """Everything needed to rebuild an MSD draft without its target.
 
     target_model_type: the target's `model_type` (for example "llava" or "qwen2_vl").
-    text_config: the target language model's config as a dict; the draft's single decoder layer is built from it.
+    text_config: the target language model's config as a dict; the draft's decoder layers are built from it.
     decouple_visual: True for MSD (visual positions take the target's projected visual embeddings directly); False
         for the EAGLE-style ablation that fuses the image token's embedding with the target feature everywhere.
-    input_layernorm: False removes the decoder layer's input norm, as in EAGLE-1/2 research checkpoints.
+    input_layernorm: False removes the first decoder layer's input norm, as in EAGLE-1/2 research checkpoints.
     draft_vocab_size: size of a reduced draft vocabulary (the draft scores only those target tokens), or None to
         score the target's whole vocabulary. The map to target ids is stored with the weights.
+    num_layers: decoder layers stacked after the fusion layer; research drafts have one.
     """
 
     target_model_type: str
@@ -32,8 +33,13 @@ class DraftConfig:
     decouple_visual: bool = True
     input_layernorm: bool = True
     draft_vocab_size: int | None = None
+    num_layers: int = 1
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise MSDError(f"the draft's num_layers must be a whole number of at least 1, got {self.num_layers!r}.")
 
     @classmethod
     def for_target(cls, target, **options) -> DraftConfig:
@@ -55,6 +61,10 @@ class DraftConfig:
     def build_text_config(self) -> PretrainedConfig:
         """Build the transformers config object for the decoder layer and its rotary embedding."""
         options = {key: value for key, value in self.text_config.items() if key != "model_type"}
+        # The draft's own layer stack: every layer attends to the whole sequence, whatever the target's layer types.
+        options["num_hidden_layers"] = self.num_layers
+        if "layer_types" in options:
+            options["layer_types"] = ["full_attention"] * self.num_layers
         config = AutoConfig.for_model(self.layer_family, **options)
         config._attn_implementation = "sdpa"
         return config

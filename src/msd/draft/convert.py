@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 RESEARCH_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 RESEARCH_LAYER_PREFIX = "layers.0."
-MSD_LAYER_PREFIX = "layer."
 EMBEDDING_KEY = "embed_tokens.weight"
 INPUT_NORM_KEY = RESEARCH_LAYER_PREFIX + "input_layernorm.weight"
 #: config.json entries that must equal the target language model's
@@ -37,14 +36,12 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_ke
 
 
 def weight_name_map(draft: DraftModel) -> dict[str, str]:
-    """msd weight name -> research weight name, for every weight `draft` stores."""
-    mapping = {}
-    for name in draft.state_dict():
-        if name.startswith(MSD_LAYER_PREFIX):
-            mapping[name] = RESEARCH_LAYER_PREFIX + name[len(MSD_LAYER_PREFIX) :]
-        else:
-            mapping[name] = name
-    return mapping
+    """msd weight name -> research weight name, for every weight `draft` stores.
+
+    A one-layer msd draft names its fusion and decoder-layer weights as the research checkpoints do (`fc.*`,
+    `layers.0.*`), so the map is the identity; it is kept as the single place where the two formats meet.
+    """
+    return {name: name for name in draft.state_dict()}
 
 
 def read_research_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The MSD draft: one decoder layer of the target's family that predicts the target's next feature.
+"""The MSD draft: a fusion layer and decoder layers of the target's family that predict the target's next feature.
 
 Alignment. The target reads tokens x_0 .. x_{L-1} and produces last-layer features h_0 .. h_{L-1}; h_j predicts
 x_{j+1}. Draft slot j pairs h_j with the next token x_{j+1} and predicts h_{j+1}:
@@ -11,20 +11,19 @@ left-to-right signal. Its own embedding is passed straight through instead. Slot
 the token it embeds, so a visual slot keeps its image-grid position under Qwen2-VL's multimodal rotary scheme. With
 1-D rotary positions this is the research code's numbering shifted by one, which rotary attention does not see.
 
-The token embedding and the LM head belong to the target. The draft borrows them through `attach` and neither
-stores nor saves them. With a reduced draft vocabulary the head is the target's rows for those tokens.
+The fused input runs through `num_layers` decoder layers (one in the research drafts). The token embedding and the
+LM head belong to the target. The draft borrows them through `attach` and neither stores nor saves them. With a
+reduced draft vocabulary the head is the target's rows for those tokens.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
@@ -34,10 +33,13 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, 
 
 from msd.draft.config import DraftConfig
 from msd.errors import MSDError
+from msd.files import atomic_save_tensors
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+#: weight-name prefixes of drafts saved by earlier msd versions -> current prefixes
+RENAMED_PREFIXES = {"layer.": "layers.0."}
 
 #: language-model `model_type` -> (decoder layer, rotary embedding, position-id rows)
 DECODER_LAYERS = {
@@ -50,7 +52,7 @@ DECODER_LAYERS = {
 
 
 class DraftModel(nn.Module):
-    """Fusion layer plus one decoder layer; see the module docstring for the inputs at text and visual slots."""
+    """Fusion layer plus decoder layers; see the module docstring for the inputs at text and visual slots."""
 
     def __init__(self, config: DraftConfig):
         super().__init__()
@@ -65,9 +67,9 @@ class DraftModel(nn.Module):
         hidden = config.hidden_size
 
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
-        self.layer = layer_class(text_config, layer_idx=0)
+        self.layers = nn.ModuleList(layer_class(text_config, layer_idx=index) for index in range(config.num_layers))
         if not config.input_layernorm:
-            self.layer.input_layernorm = nn.Identity()
+            self.layers[0].input_layernorm = nn.Identity()
         self.rotary_emb = rotary_class(config=text_config)
         if config.draft_vocab_size is not None:
             self.register_buffer("draft_to_target", torch.zeros(config.draft_vocab_size, dtype=torch.long))
@@ -137,14 +139,16 @@ class DraftModel(nn.Module):
             attention_mask = causal_mask(token_ids.shape[1], hidden.dtype, hidden.device)[None, None]
         position_ids = position_ids if self.position_rows == 3 else position_ids[0]
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        return self.layer(
-            hidden,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            position_embeddings=position_embeddings,
-        )
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden
 
     # -- files ----------------------------------------------------------------------------------------
 
@@ -161,10 +165,7 @@ class DraftModel(nn.Module):
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             state[name] = tensor.detach().contiguous().cpu()
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
-            temporary = handle.name
-        save_file(state, temporary, metadata={"format": "pt", "msd_draft": "1"})
-        os.replace(temporary, folder / WEIGHTS_NAME)
+        atomic_save_tensors(folder / WEIGHTS_NAME, state, metadata={"format": "pt", "msd_draft": "1"})
         self.config.save(folder)
 
     @classmethod
@@ -179,7 +180,7 @@ class DraftModel(nn.Module):
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
             raise MSDError(f"no draft weights at {weights}")
-        state = load_file(str(weights))
+        state = rename_legacy_weights(load_file(str(weights)))
         model = cls(config)
         expected = set(model.state_dict())
         missing = sorted(expected - set(state))
@@ -193,6 +194,18 @@ class DraftModel(nn.Module):
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device).eval()
+
+
+def rename_legacy_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename weights saved by earlier msd versions (see `RENAMED_PREFIXES`); other names pass unchanged."""
+    renamed = {}
+    for name, tensor in state.items():
+        for old, new in RENAMED_PREFIXES.items():
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        renamed[name] = tensor
+    return renamed
 
 
 def causal_mask(length: int, dtype: torch.dtype, device: torch.device, cached: int = 0) -> torch.Tensor:

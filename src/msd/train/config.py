@@ -44,7 +44,8 @@ class TrainConfig:
     eval_samples: int = 64  # held-out samples per source, at most a tenth of it (one in a small source)
     log_every: int = 10
     num_workers: int = 0
-    input_layernorm: bool = True  # False builds the EAGLE-1/2 layout without the decoder layer's input norm
+    input_layernorm: bool = True  # False builds the EAGLE-1/2 layout without the first decoder layer's input norm
+    draft_layers: int | None = None  # decoder layers of a fresh draft; None: one, as in the research drafts
     draft_vocab_size: int | None = None  # a fresh draft's reduced vocabulary (msd.train.vocab); None: the target's
     decouple_visual: bool = True  # a fresh draft's visual handling; False trains the non-decoupled (EAGLE) ablation
     save_dtype: str | None = None  # dtype of the final draft/ weights, one of SAVE_DTYPES (None: the training dtype)
@@ -59,6 +60,8 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_every", "eval_samples", "num_workers", "weight_decay"):
             if getattr(self, name) < 0:
                 raise MSDError(f"training option {name} must be zero or positive, got {getattr(self, name)}.")
+        if self.draft_layers is not None and (isinstance(self.draft_layers, bool) or self.draft_layers < 1):
+            raise MSDError(f"training option draft_layers must be at least 1, got {self.draft_layers}.")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 2:
             raise MSDError(f"training option draft_vocab_size must be at least 2, got {self.draft_vocab_size}.")
         if self.max_steps is not None and self.max_steps < 1:

@@ -132,11 +132,17 @@ class DraftTrainer:
                 input_layernorm=self.config.input_layernorm,
                 draft_vocab_size=vocab_size,
                 decouple_visual=self.config.decouple_visual,
+                num_layers=self.config.draft_layers or 1,
             )
             draft = DraftModel(config)
             if vocab_size is not None:
                 sources = [(source.dataset, source.train_indices) for source in self.sources.values()]
                 draft.draft_to_target.copy_(draft_vocab_from_datasets(sources, target, vocab_size))
+        elif self.config.draft_layers not in (None, draft.config.num_layers):
+            raise MSDError(
+                f"draft_layers {self.config.draft_layers} does not match the initial draft's "
+                f"{draft.config.num_layers}. Leave draft_layers unset when starting from --init-draft."
+            )
         elif vocab_size is not None and vocab_size != draft.config.draft_vocab_size:
             raise MSDError(
                 f"draft_vocab_size {vocab_size} does not match the initial draft's "
