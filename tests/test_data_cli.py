@@ -129,6 +129,8 @@ def test_bad_option_exits_with_message(workspace, tmp_path, capsys):
         (["--shard-size", "0"], "--shard-size must be at least 1 sample, got 0"),
         (["--start", "-1"], "--start must be 0 or more, got -1"),
         (["--regenerate", "--regenerate-max-tokens", "0"], "--regenerate-max-tokens must be at least 1, got 0"),
+        (["--limit", "0"], "--limit must be at least 1 row, got 0"),
+        (["--log-skipped", "-1"], "--log-skipped must be 0 or more, got -1"),
     ],
 )
 def test_bad_value_fails_before_the_target_loads(workspace, tmp_path, capsys, options, message):

@@ -75,6 +75,16 @@ def test_unsupported_file(tmp_path):
         open_rows(path)
 
 
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
+def test_missing_local_file_is_not_a_hub_id(tmp_path, monkeypatch, name):
+    # A missing path with a row-file extension must fail as a missing file, without asking the Hub for a dataset
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MSDError, match=f"data file not found: {name}"):
+        open_rows(name)
+    with pytest.raises(MSDError, match="data file not found"):
+        open_rows(tmp_path / "missing" / name)
+
+
 def test_datasets_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [chat("Q", "A", row_id="x"), chat("Q2", "A2", row_id="y")]

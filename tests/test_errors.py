@@ -117,7 +117,8 @@ def test_unknown_family_folder(tmp_path):
 
 
 def test_missing_target_folder(tmp_path):
-    with pytest.raises(MSDError, match="cannot load a model config"):
+    # An absolute path that does not exist is reported as a missing folder, not as an invalid Hub model id
+    with pytest.raises(MSDError, match="target folder not found"):
         load_target(tmp_path / "missing")
 
 

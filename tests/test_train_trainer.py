@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -146,6 +147,18 @@ def test_cli_trains_a_draft_with_more_layers(tmp_path, setup):
     with pytest.raises(MSDError, match="draft_layers 3 does not match"):
         DraftTrainer(config(draft_layers=3), target, text, vision, tmp_path / "three", draft=draft)
 
+    # --resume takes the layer count from the checkpoint, so it need not be repeated
+    assert main(common + ["--output", str(tmp_path / "two"), "--resume", "--epochs", "2"]) == 0
+    assert DraftModel.from_pretrained(tmp_path / "two" / "draft").config.num_layers == 2
+
+
+def test_resume_with_other_draft_layout_raises(tmp_path, setup):
+    # A trainer whose fresh draft differs from the checkpoint's must say so before loading any state
+    target, text, vision = setup
+    DraftTrainer(config(epochs=1, draft_layers=2), target, text, vision, tmp_path).train()
+    with pytest.raises(MSDError, match="its draft has num_layers 2, the draft of this run 1"):
+        DraftTrainer(config(epochs=2), target, text, vision, tmp_path).train(resume=True)
+
 
 def test_metrics_include_heldout_agreement(tmp_path, setup, caplog):
     target, text, vision = setup
@@ -228,6 +241,24 @@ def test_invalid_config_raises():
     for layers in (0, True):
         with pytest.raises(MSDError, match="draft_layers"):
             TrainConfig(draft_layers=layers)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"epochs": "1"}, "training option epochs must be a whole number, got '1'"),
+        ({"draft_layers": 2.5}, "training option draft_layers must be a whole number or null, got 2.5"),
+        ({"draft_layers": True}, "training option draft_layers must be a whole number or null, got True"),
+        ({"learning_rate": "1e-4"}, "training option learning_rate must be a number, got '1e-4'"),
+        ({"save_each_epoch": "yes"}, "training option save_each_epoch must be true or false, got 'yes'"),
+        ({"loss": {"token_weight": "0.1"}}, "loss option token_weight must be a number, got '0.1'"),
+        ({"curriculum": {"text_only": True}}, "curriculum option text_only must be a whole number or null, got True"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_raise(options, message):
+    # YAML and JSON can carry "1", 2.5 or true where a count belongs; the message names the option and the value
+    with pytest.raises(MSDError, match=re.escape(message)):
+        TrainConfig.from_dict(options)
 
 
 def test_save_dtype_writes_half_precision(tmp_path, setup):

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
 
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
+from msd.errors import MSDError
 from msd.evaluate.samples import load_llava_file
 from msd.prompts import build_inputs
 from msd.targets import load_target
@@ -105,23 +107,43 @@ def markdown(cycles: list[dict], context: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tree_argument(text: str) -> TreeParams:
+    try:
+        return TreeParams.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="target folder")
     parser.add_argument("--draft", required=True, help="draft folder")
     parser.add_argument("--prompts", type=Path, required=True, help="JSONL rows as in eval_prompts.jsonl")
     parser.add_argument("--image-root", type=Path, help="folder of the rows' images (default: msd's local task images)")
-    parser.add_argument("--tree", type=TreeParams.parse, default=TreeParams(2, 1, 3), help="depth,top_k,total_tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--tree", type=tree_argument, default=TreeParams(2, 1, 3),
+                        help="draft tree as depth,top_k,total_tokens (default 2,1,3: a chain of two drafted tokens)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="tokens per answer at most (default 96)")
     parser.add_argument("--output", type=Path, required=True, help="Markdown file to write (JSON next to it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     image_root = args.image_root or Path(__file__).resolve().parents[2] / "src/msd/evaluate/local_task/images"
-    target = load_target(args.target, dtype="float32", device="cpu")
-    draft = DraftModel.from_pretrained(args.draft)
-    samples = load_llava_file(args.prompts, image_root)
-    cycles = measure(target, draft, samples, args.tree, args.max_new_tokens)
+    try:
+        samples = load_llava_file(args.prompts, image_root)  # before the models load, so a bad file fails at once
+        if not samples:
+            raise MSDError(f"no prompts in {args.prompts}")
+        target = load_target(args.target, dtype="float32", device="cpu")
+        draft = DraftModel.from_pretrained(args.draft)
+        cycles = measure(target, draft, samples, args.tree, args.max_new_tokens)
+    except MSDError as error:
+        sys.exit(f"error: {error}")
 
     context = (f"Measured by `benchmarks/default_model/acceptance_by_confidence.py` on {len(samples)} prompts of "
                f"{args.prompts.name}, {len(cycles)} decoding cycles, tree {args.tree.depth},{args.tree.top_k},"

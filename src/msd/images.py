@@ -16,7 +16,7 @@ def load_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     if not path.exists():
-        raise MSDError(f"image file not found: {path}. Check the path passed with --image.")
+        raise MSDError(f"image file not found: {path}. Check the image path or the folder it is looked up in.")
     if not path.is_file():
         raise MSDError(f"image path is not a file: {path}.")
     # Some libraries (lmms-eval among them) set Pillow's process-wide LOAD_TRUNCATED_IMAGES on import, which would

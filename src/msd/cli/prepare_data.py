@@ -129,7 +129,7 @@ def register(subparsers) -> None:
 def run(arguments: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from msd.data.prepare import PrepareSettings, prepare_features
+    from msd.data.prepare import PrepareSettings, format_bytes, prepare_features
     from msd.data.rows import Part, open_rows
     from msd.targets import load_target
 
@@ -162,10 +162,10 @@ def run(arguments: argparse.Namespace) -> int:
     summary = prepare_features(target, rows, settings, source=str(arguments.data))
 
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(summary.skipped.items())) or "none"
-    projected = f"{summary.projected_bytes / 1e9:.3f} GB" if summary.projected_bytes is not None else "unknown"
+    projected = format_bytes(summary.projected_bytes) if summary.projected_bytes is not None else "unknown"
     print(
         f"[{part.name}] stored {summary.stored} samples; skipped rows: {skipped}; "
-        f"folder size {summary.size_bytes / 1e9:.3f} GB (projected before the run: {projected})",
+        f"folder size {format_bytes(summary.size_bytes)} (projected before the run: {projected})",
         file=sys.stderr,
     )
     if state.num_processes > 1:

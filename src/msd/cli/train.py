@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 DESCRIPTION = """\
 Train an MSD draft for a target from prepared features: text features first, then a ramp of multimodal features
@@ -39,7 +40,7 @@ OVERRIDES = {
         int,
         "a fresh draft scores only this many target tokens, the most frequent in the training answers",
     ),
-    "--draft-layers": ("draft_layers", int, "decoder layers of a fresh draft (research drafts have one)"),
+    "--draft-layers": ("draft_layers", int, "decoder layers of a fresh draft, one by default as in the research drafts"),
     "--save-dtype": ("save_dtype", str, "dtype of the final draft's weights: float32, float16 or bfloat16"),
 }
 
@@ -100,6 +101,7 @@ def run(arguments: argparse.Namespace) -> int:
     from msd.errors import MSDError
     from msd.targets import load_target
     from msd.train import DraftTrainer, load_train_config, make_accelerator
+    from msd.train.checkpoint import find_resume_checkpoint
     from msd.train.data import open_feature_folders
 
     if not arguments.text_data and not arguments.vision_data:
@@ -114,7 +116,12 @@ def run(arguments: argparse.Namespace) -> int:
 
     accelerator = make_accelerator(config, arguments.output)
     target = load_target(arguments.target, dtype=arguments.target_dtype, device=accelerator.device)
-    draft = DraftModel.from_pretrained(arguments.init_draft) if arguments.init_draft else None
+    draft = None
+    if arguments.init_draft:
+        draft = DraftModel.from_pretrained(arguments.init_draft)
+    elif arguments.resume:
+        # The checkpoint's draft fixes the architecture (layers, vocabulary); its weights are then loaded with the state.
+        draft = DraftModel.from_pretrained(find_resume_checkpoint(arguments.resume, Path(arguments.output)) / "draft")
     trainer = DraftTrainer(config, target, text_data, vision_data, arguments.output, accelerator, draft=draft)
     final = trainer.train(resume=arguments.resume)
     if accelerator.is_main_process:

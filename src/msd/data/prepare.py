@@ -81,8 +81,10 @@ class PrepareSettings:
             raise MSDError(f"--max-length must be at least 2 tokens, got {self.max_length}.")
         if self.start < 0:
             raise MSDError(f"--start must be 0 or more, got {self.start}.")
-        if self.limit is not None and self.limit < 0:
-            raise MSDError(f"--limit must be 0 or more, got {self.limit}.")
+        if self.limit is not None and self.limit < 1:
+            raise MSDError(f"--limit must be at least 1 row, got {self.limit}.")
+        if self.logged_skips < 0:
+            raise MSDError(f"--log-skipped must be 0 or more, got {self.logged_skips}.")
         if self.shard_size < 1:
             raise MSDError(f"--shard-size must be at least 1 sample, got {self.shard_size}.")
         if self.regenerate_max_tokens < 1:
@@ -175,7 +177,7 @@ class FeaturePreparer:
         projected = self.project_bytes(rows, remaining)
         if projected is not None:
             logger.info("projected size of %d rows: %s (estimate from %d rows)", len(remaining),
-                        _format_bytes(projected), min(SIZE_PROBE_ROWS, len(remaining)))
+                        format_bytes(projected), min(SIZE_PROBE_ROWS, len(remaining)))
         logged = Counter()
         chunk_size = settings.regenerate_batch_size if self.regenerator is not None else 1
         with logging_redirect_tqdm(), tqdm(total=len(remaining), desc=settings.part.name, unit="sample") as progress:
@@ -304,7 +306,8 @@ def _rows_done(selected: range, next_row: int) -> int:
     return min(len(selected), -(-(next_row - selected.start) // selected.step))
 
 
-def _format_bytes(count: float) -> str:
+def format_bytes(count: float) -> str:
+    """Write a byte count with a decimal unit, for example "392.4 KB"."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if count < 1000 or unit == "TB":
             return f"{count:.1f} {unit}"
@@ -319,6 +322,6 @@ def prepare_features(target: TargetAdapter, rows: Sequence, settings: PrepareSet
         "stored %d samples; skipped %s; folder size %s",
         summary.stored,
         ", ".join(f"{reason}: {count}" for reason, count in sorted(summary.skipped.items())) or "none",
-        _format_bytes(folder_bytes(settings.output)),
+        format_bytes(folder_bytes(settings.output)),
     )
     return summary

@@ -49,7 +49,14 @@ def open_rows(source, split: str = "train") -> Sequence:
         return _read_json_list(path)
     if path.is_file():
         raise MSDError(f"unsupported data file {path}: expected a .json list, a .jsonl file or a datasets folder.")
+    if not path.exists() and _names_a_local_file(str(source)):
+        raise MSDError(f"data file not found: {path}. Check the path; a Hub dataset id has no file extension.")
     return _open_dataset(source, split)
+
+
+def _names_a_local_file(source: str) -> bool:
+    """Return True for a source that is clearly a local path (a row-file extension or a leading / . ~), not a Hub id."""
+    return source.endswith((".json", ".jsonl")) or source.startswith(("/", ".", "~"))
 
 
 def _read_json_list(path: Path) -> list:

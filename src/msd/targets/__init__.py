@@ -57,6 +57,8 @@ def load_target(
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        raise MSDError(f"target folder not found: {path}. Pass a model folder or a Hugging Face model id.")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:

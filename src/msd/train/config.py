@@ -9,6 +9,7 @@ from pathlib import Path
 from msd.errors import MSDError
 from msd.train.curriculum import CurriculumConfig
 from msd.train.loss import LossConfig
+from msd.train.option_types import check_field_types
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 #: dtypes the final draft can be written in
@@ -53,6 +54,7 @@ class TrainConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self):
+        check_field_types(self, "training option")
         positive = ("epochs", "micro_batch_size", "gradient_accumulation", "max_length", "keep_checkpoints", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -60,7 +62,7 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_every", "eval_samples", "num_workers", "weight_decay"):
             if getattr(self, name) < 0:
                 raise MSDError(f"training option {name} must be zero or positive, got {getattr(self, name)}.")
-        if self.draft_layers is not None and (isinstance(self.draft_layers, bool) or self.draft_layers < 1):
+        if self.draft_layers is not None and self.draft_layers < 1:
             raise MSDError(f"training option draft_layers must be at least 1, got {self.draft_layers}.")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 2:
             raise MSDError(f"training option draft_vocab_size must be at least 2, got {self.draft_vocab_size}.")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from msd.errors import MSDError
+from msd.train.option_types import check_field_types
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class CurriculumConfig:
     ramp_end: float = 0.95
 
     def __post_init__(self):
+        check_field_types(self, "curriculum option")
         if self.unit not in UNITS:
             raise MSDError(f"curriculum unit must be one of {', '.join(UNITS)}, got {self.unit!r}.")
         for name in ("text_only", "ramp"):

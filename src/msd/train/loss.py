@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from msd.errors import MSDError
+from msd.train.option_types import check_field_types
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class LossConfig:
     unroll_steps: int = 1
 
     def __post_init__(self):
+        check_field_types(self, "loss option")
         for name in ("feature_weight", "token_weight", "noise_width"):
             if getattr(self, name) < 0:
                 raise MSDError(f"loss option {name} must be zero or positive, got {getattr(self, name)}.")

@@ -140,13 +140,15 @@ class DraftTrainer:
                 draft.draft_to_target.copy_(draft_vocab_from_datasets(sources, target, vocab_size))
         elif self.config.draft_layers not in (None, draft.config.num_layers):
             raise MSDError(
-                f"draft_layers {self.config.draft_layers} does not match the initial draft's "
-                f"{draft.config.num_layers}. Leave draft_layers unset when starting from --init-draft."
+                f"draft_layers {self.config.draft_layers} does not match the draft this run starts from (--init-draft, "
+                f"or the checkpoint on --resume), which has {draft.config.num_layers}. Leave draft_layers unset "
+                "(null in a config file) to keep it."
             )
         elif vocab_size is not None and vocab_size != draft.config.draft_vocab_size:
             raise MSDError(
-                f"draft_vocab_size {vocab_size} does not match the initial draft's "
-                f"{draft.config.draft_vocab_size}. Leave draft_vocab_size unset when starting from --init-draft."
+                f"draft_vocab_size {vocab_size} does not match the draft this run starts from (--init-draft, or the "
+                f"checkpoint on --resume), which has {draft.config.draft_vocab_size}. Leave draft_vocab_size unset "
+                "(null in a config file) to keep it."
             )
         draft.attach(target)
         if target.dtype in (torch.float16, torch.bfloat16):
@@ -354,6 +356,14 @@ class DraftTrainer:
                     f"cannot resume from {checkpoint}: it was trained with {name} {state[name]}, this run has "
                     f"{current}. Resume with the same micro_batch_size, gradient_accumulation, process count and "
                     "seed, or start a new run."
+                )
+        saved = DraftConfig.load(checkpoint / "draft")
+        for name in ("num_layers", "draft_vocab_size", "decouple_visual", "input_layernorm"):
+            if getattr(saved, name) != getattr(self.draft.config, name):
+                raise MSDError(
+                    f"cannot resume from {checkpoint}: its draft has {name} {getattr(saved, name)}, the draft of this "
+                    f"run {getattr(self.draft.config, name)}. Build the trainer with the checkpoint's draft "
+                    "(`msd train --resume` does) or start a new run."
                 )
         changed = changed_options(state.get("config", {}), self.config.as_dict())
         if changed:
