@@ -40,7 +40,11 @@ OVERRIDES = {
         int,
         "a fresh draft scores only this many target tokens, the most frequent in the training answers",
     ),
-    "--draft-layers": ("draft_layers", int, "decoder layers of a fresh draft, one by default as in the research drafts"),
+    "--draft-layers": (
+        "draft_layers",
+        int,
+        "decoder layers of a fresh draft, one by default as in the research drafts",
+    ),
     "--save-dtype": ("save_dtype", str, "dtype of the final draft's weights: float32, float16 or bfloat16"),
 }
 
@@ -120,7 +124,7 @@ def run(arguments: argparse.Namespace) -> int:
     if arguments.init_draft:
         draft = DraftModel.from_pretrained(arguments.init_draft)
     elif arguments.resume:
-        # The checkpoint's draft fixes the architecture (layers, vocabulary); its weights are then loaded with the state.
+        # The checkpoint's draft fixes the architecture (layers, vocabulary); the state then loads its weights.
         draft = DraftModel.from_pretrained(find_resume_checkpoint(arguments.resume, Path(arguments.output)) / "draft")
     trainer = DraftTrainer(config, target, text_data, vision_data, arguments.output, accelerator, draft=draft)
     final = trainer.train(resume=arguments.resume)

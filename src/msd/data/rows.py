@@ -55,7 +55,7 @@ def open_rows(source, split: str = "train") -> Sequence:
 
 
 def _names_a_local_file(source: str) -> bool:
-    """Return True for a source that is clearly a local path (a row-file extension or a leading / . ~), not a Hub id."""
+    """Return True for a source that is clearly a local path (a row-file extension, or a leading / . or ~)."""
     return source.endswith((".json", ".jsonl")) or source.startswith(("/", ".", "~"))
 
 
