@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -101,6 +103,21 @@ def test_checkpoints_load_and_rotate(tmp_path, setup):
     assert torch.equal(draft.fc.weight, DraftModel.from_pretrained(final).fc.weight)
 
     assert_decodes_like_plain(target, draft, TreeParams(depth=3, top_k=3, total_tokens=8))
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path, setup):
+    # accelerate writes the state's weights readable by their owner only; the checkpoint must follow the umask
+    target, text, vision = setup
+    umask = os.umask(0o022)
+    try:
+        DraftTrainer(config(epochs=1), target, text, vision, tmp_path).train()
+    finally:
+        os.umask(umask)
+    checkpoint = list_checkpoints(tmp_path)[-1]
+    modes = {path.relative_to(checkpoint).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in checkpoint.rglob("*") if path.is_file()}
+    assert "state/model.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_ablation_draft_trains_without_decoupling(tmp_path, setup):

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from msd.errors import MSDError
@@ -58,9 +59,11 @@ def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_sta
     accelerator.wait_for_everyone()
 
     accelerator.save_state(str(partial / "state"))
+    accelerator.wait_for_everyone()  # every process's state files exist before the main process sets their mode
     if accelerator.is_main_process:
         draft.save_pretrained(partial / "draft")
         (partial / STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        share_like(partial / "state", partial / STATE_NAME)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         for old in list_checkpoints(output_dir)[:-keep]:
@@ -69,6 +72,18 @@ def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_sta
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def share_like(folder: Path, reference: Path) -> None:
+    """Give every file under `folder` the permissions of `reference`, a file msd created with the user's umask.
+
+    accelerate's `save_state` writes the model weights through safetensors, which creates them readable by their owner
+    only; the rest of a checkpoint follows the umask.
+    """
+    mode = stat.S_IMODE(reference.stat().st_mode)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
 
 
 def find_resume_checkpoint(resume: str | Path | bool, output_dir: Path) -> Path:
