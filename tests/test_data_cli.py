@@ -133,7 +133,7 @@ def test_bad_option_exits_with_message(workspace, tmp_path, capsys):
         (["--log-skipped", "-1"], "--log-skipped must be 0 or more, got -1"),
     ],
 )
-def test_bad_value_fails_before_the_target_loads(workspace, tmp_path, capsys, options, message):
+def test_bad_value_fails_before_loading(workspace, tmp_path, capsys, options, message):
     # The target path does not exist: each bad value must be named first, without waiting for a model to load.
     command = arguments(workspace, tmp_path / "out") + options
     command[command.index("--target") + 1] = str(tmp_path / "no-such-target")

@@ -278,9 +278,9 @@ def test_projected_size_counts_regenerated_answers(llava_target, image_root, tmp
     assert sizes[40] > sizes[2]
 
 
-def test_written_files_get_the_usual_permissions(llava_target, tmp_path):
-    # Shards, manifests, state and card are written under temporary names and renamed; each must end up with the
-    # permissions the umask gives any new file, so a shared dataset folder stays readable for the group.
+def test_written_file_permissions(llava_target, tmp_path):
+    # Shards, manifests, state and card are written under temporary names and renamed. Each must end up with the
+    # permissions the umask gives any new file, so that a shared dataset folder stays readable for the group.
     umask = os.umask(0o022)
     try:
         settings = PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, shard_size=1)

@@ -76,7 +76,7 @@ def test_unsupported_file(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
-def test_missing_local_file_is_not_a_hub_id(tmp_path, monkeypatch, name):
+def test_missing_local_file_raises(tmp_path, monkeypatch, name):
     # A missing path with a row-file extension must fail as a missing file, without asking the Hub for a dataset
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MSDError, match=f"data file not found: {name}"):

@@ -48,8 +48,8 @@ def test_save_load_round_trip(family, tmp_path, num_layers):
     }
 
 
-def test_draft_from_earlier_msd_loads(llava_family, tmp_path):
-    # Drafts saved before drafts could have several layers name the decoder layer `layer.*`; they load unchanged.
+def test_legacy_draft_loads(llava_family, tmp_path):
+    # Drafts saved by earlier msd versions name their decoder layer `layer.*`. They must load unchanged.
     draft = make_draft(llava_family.target)
     draft.save_pretrained(tmp_path / "draft")
     path = tmp_path / "draft" / "model.safetensors"
@@ -179,8 +179,8 @@ def test_drafter_tree_matches_sequential(family, images, tree, num_layers):
         assert set(children[node]) <= top, (node, path_tokens)
 
 
-def test_saved_draft_gets_the_usual_permissions(llava_family, tmp_path):
-    # The weights are written under a temporary name and renamed; the file must not end up private to its owner.
+def test_saved_draft_permissions(llava_family, tmp_path):
+    # The weights are written under a temporary name and renamed. The file must not end up private to its owner.
     umask = os.umask(0o022)
     try:
         make_draft(llava_family.target).save_pretrained(tmp_path / "draft")

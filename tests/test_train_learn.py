@@ -24,7 +24,8 @@ def agreement(draft, target, dataset) -> float:
 
 @pytest.mark.parametrize("draft_layers", [1, 2])
 def test_training_raises_agreement_and_tau(tmp_path, draft_layers):
-    # A trained draft is accepted often, so its decoding exercises long accepted paths: still identical to plain.
+    # A trained draft is accepted often, so its decoding exercises long accepted paths, which must still give the
+    # target's own greedy output.
     target = tiny_target()
     text = prepare_folder(target, tmp_path / "text", 8, "text", answer_tokens=20)
     config = TrainConfig(epochs=60, micro_batch_size=2, gradient_accumulation=1, learning_rate=5e-3, warmup_steps=10,

@@ -105,8 +105,8 @@ def test_checkpoints_load_and_rotate(tmp_path, setup):
     assert_decodes_like_plain(target, draft, TreeParams(depth=3, top_k=3, total_tokens=8))
 
 
-def test_checkpoint_files_get_the_usual_permissions(tmp_path, setup):
-    # accelerate writes the state's weights readable by their owner only; the checkpoint must follow the umask
+def test_checkpoint_file_permissions(tmp_path, setup):
+    # accelerate writes the state's weights readable by their owner only. The checkpoint must follow the umask.
     target, text, vision = setup
     umask = os.umask(0o022)
     try:
@@ -148,9 +148,9 @@ def test_cli_flag_trains_the_ablation(tmp_path, setup):
     assert DraftModel.from_pretrained(tmp_path / "msd" / "draft").config.decouple_visual is True
 
 
-def test_cli_trains_a_draft_with_more_layers(tmp_path, setup):
-    # `msd train --draft-layers 2` builds a fresh two-layer draft that decodes losslessly; starting from that draft
-    # with another layer count is refused rather than silently ignored
+def test_cli_trains_two_layer_draft(tmp_path, setup):
+    # `msd train --draft-layers 2` builds a fresh two-layer draft that decodes losslessly. Starting from that draft
+    # with another layer count raises instead of ignoring the option.
     target, text, vision = setup
     target.model.save_pretrained(tmp_path / "target")
     target.processor.save_pretrained(tmp_path / "target")
@@ -169,8 +169,8 @@ def test_cli_trains_a_draft_with_more_layers(tmp_path, setup):
     assert DraftModel.from_pretrained(tmp_path / "two" / "draft").config.num_layers == 2
 
 
-def test_resume_with_other_draft_layout_raises(tmp_path, setup):
-    # A trainer whose fresh draft differs from the checkpoint's must say so before loading any state
+def test_resume_other_layout_raises(tmp_path, setup):
+    # A trainer whose fresh draft differs from the checkpoint's draft raises before it loads any state.
     target, text, vision = setup
     DraftTrainer(config(epochs=1, draft_layers=2), target, text, vision, tmp_path).train()
     with pytest.raises(MSDError, match="its draft has num_layers 2, the draft of this run 1"):
@@ -272,8 +272,8 @@ def test_invalid_config_raises():
         ({"curriculum": {"text_only": True}}, "curriculum option text_only must be a whole number or null, got True"),
     ],
 )
-def test_config_file_values_of_the_wrong_type_raise(options, message):
-    # YAML and JSON can carry "1", 2.5 or true where a count belongs; the message names the option and the value
+def test_config_wrong_types_raise(options, message):
+    # YAML and JSON can carry "1", 2.5 or true where a count belongs. The message names the option and the value.
     with pytest.raises(MSDError, match=re.escape(message)):
         TrainConfig.from_dict(options)
 

@@ -5,8 +5,8 @@
         --output runs/acceptance-by-confidence.md
 
 Each prompt is decoded with the draft (greedy, by default a chain of depth 2; --tree sets another). In every cycle the
-target's forward scores the root first; the softmax of that row gives the target's probability of the token it
-chooses next, its confidence. The first drafted token is accepted exactly when it equals that token. Cycles are
+target's forward scores the root first. The softmax of that row gives the target's probability of the token it
+chooses next: its confidence. The first drafted token is accepted exactly when it equals that token. Cycles are
 grouped by confidence, and each group reports its share of cycles, how often the first drafted token was kept and how
 often the target's token lies outside a reduced draft vocabulary, where no draft proposal can match it.
 
@@ -108,6 +108,7 @@ def markdown(cycles: list[dict], context: str) -> str:
 
 
 def tree_argument(text: str) -> TreeParams:
+    """Parse --tree, reporting a malformed value as an argparse error."""
     try:
         return TreeParams.parse(text)
     except ValueError as error:
@@ -115,6 +116,7 @@ def tree_argument(text: str) -> TreeParams:
 
 
 def positive_int(text: str) -> int:
+    """Parse a whole number of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -129,7 +131,7 @@ def main() -> None:
     parser.add_argument("--image-root", type=Path, help="folder of the rows' images (default: msd's local task images)")
     parser.add_argument("--tree", type=tree_argument, default=TreeParams(2, 1, 3),
                         help="draft tree as depth,top_k,total_tokens (default 2,1,3: a chain of two drafted tokens)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="tokens per answer at most (default 96)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="maximum new tokens per answer (default 96)")
     parser.add_argument("--output", type=Path, required=True, help="Markdown file to write (JSON next to it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

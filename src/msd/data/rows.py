@@ -50,7 +50,7 @@ def open_rows(source, split: str = "train") -> Sequence:
     if path.is_file():
         raise MSDError(f"unsupported data file {path}: expected a .json list, a .jsonl file or a datasets folder.")
     if not path.exists() and _names_a_local_file(str(source)):
-        raise MSDError(f"data file not found: {path}. Check the path; a Hub dataset id has no file extension.")
+        raise MSDError(f"data file not found: {path}. Check the path (a Hub dataset id has no file extension).")
     return _open_dataset(source, split)
 
 

@@ -39,7 +39,7 @@ def weight_name_map(draft: DraftModel) -> dict[str, str]:
     """msd weight name -> research weight name, for every weight `draft` stores.
 
     A one-layer msd draft names its fusion and decoder-layer weights as the research checkpoints do (`fc.*`,
-    `layers.0.*`), so the map is the identity; it is kept as the single place where the two formats meet.
+    `layers.0.*`), so the map is the identity. It stays the single place where the two formats meet.
     """
     return {name: name for name in draft.state_dict()}
 

@@ -78,7 +78,7 @@ def share_like(folder: Path, reference: Path) -> None:
     """Give every file under `folder` the permissions of `reference`, a file msd created with the user's umask.
 
     accelerate's `save_state` writes the model weights through safetensors, which creates them readable by their owner
-    only; the rest of a checkpoint follows the umask.
+    only. The rest of a checkpoint already follows the umask.
     """
     mode = stat.S_IMODE(reference.stat().st_mode)
     for path in folder.rglob("*"):

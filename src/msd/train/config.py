@@ -46,7 +46,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     input_layernorm: bool = True  # False builds the EAGLE-1/2 layout without the first decoder layer's input norm
-    draft_layers: int | None = None  # decoder layers of a fresh draft; None: one, as in the research drafts
+    draft_layers: int | None = None  # decoder layers of a fresh draft; None builds one, as in the research drafts
     draft_vocab_size: int | None = None  # a fresh draft's reduced vocabulary (msd.train.vocab); None: the target's
     decouple_visual: bool = True  # a fresh draft's visual handling; False trains the non-decoupled (EAGLE) ablation
     save_dtype: str | None = None  # dtype of the final draft/ weights, one of SAVE_DTYPES (None: the training dtype)
