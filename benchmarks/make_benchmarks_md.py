@@ -23,7 +23,8 @@ def run_section(path: Path) -> str:
     report = json.loads(path.read_text())
     context = report["context"]
     target = Path(str(context.get("target"))).name  # the folder name; the full path is in the list below
-    lines = [f"## {target} on {context.get('device')} ({context.get('date')})", ""]
+    dtype = str(context.get("dtype", "")).removeprefix("torch.")
+    lines = [f"## {target} on {context.get('device')}, {dtype} ({context.get('date')})", ""]
     lines += [f"- {key}: {context[key]}" for key in CONTEXT_KEYS if context.get(key) not in (None, {}, "")]
     tuning = context.get("tree_tuning")
     if tuning:

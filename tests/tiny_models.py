@@ -80,6 +80,8 @@ def build_llava(
     image_size: int = 56,
     layers: int = 2,
     words: list[str] | None = None,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
 ):
     """A tiny LLaVA-1.5-shaped model and its processor. Each image becomes (image_size / 14)^2 visual tokens.
 
@@ -105,8 +107,8 @@ def build_llava(
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -168,14 +170,18 @@ class TinyQwen2VL:
         layers: int = 2,
         max_pixels: int = 112 * 112,
         version: str = "2",
+        hidden_size: int = 64,
+        intermediate_size: int = 128,
     ):
         self.tokenizer = make_tokenizer(self.SPECIALS)
         self.tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
         ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in self.SPECIALS}
         torch.manual_seed(seed)
+        half_head = hidden_size // 4 // 2  # rotary pairs per head (4 heads), split over time, height and width
+        mrope_section = [half_head // 4, 3 * half_head // 8, 3 * half_head // 8]
         if version == "2":
             config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
-            vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
+            vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2)
         else:
             config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
             vision = dict(
@@ -183,20 +189,20 @@ class TinyQwen2VL:
                 hidden_size=32,
                 intermediate_size=64,
                 num_heads=4,
-                out_hidden_size=64,
+                out_hidden_size=hidden_size,
                 window_size=56,
                 fullatt_block_indexes=[1],
             )
         config = config_class(
             text_config=dict(
                 vocab_size=len(self.tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
+                hidden_size=hidden_size,
+                intermediate_size=intermediate_size,
                 num_hidden_layers=layers,
                 num_attention_heads=4,
                 num_key_value_heads=2,
                 max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
                 eos_token_id=ids["<|im_end|>"],
                 bos_token_id=ids["<|im_start|>"],
             ),

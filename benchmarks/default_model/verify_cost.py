@@ -32,12 +32,14 @@ from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
 from msd.images import load_image
 from msd.prompts import build_inputs
-from msd.targets import load_target
+from msd.targets import batch_invariant, load_target
 from msd.targets.base import truncate_cache
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+FLOAT32_TREES = (TreeParams(1, 1, 2), TreeParams(2, 1, 3), TreeParams(3, 1, 4), TreeParams(3, 2, 6), TreeParams(4, 2, 8))
+BF16_TREES = (TreeParams(2, 1, 3), TreeParams(4, 2, 8), TreeParams(4, 4, 16), TreeParams(5, 4, 16))
 
 
 def chain(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,29 +91,31 @@ def cycle_costs(target, draft, inputs, trees, max_new_tokens: int) -> list[dict]
     return rows
 
 
-def markdown(costs: dict[int, float], cycles: list[dict], context: str) -> str:
-    plain_step = costs[1]
+def markdown(costs: dict[str, dict[int, float]], cycles: list[dict], context: str) -> str:
+    """costs: {dtype: {n: seconds}}; cycles: rows from `cycle_costs`, each with its dtype."""
+    sizes = sorted({n for by_size in costs.values() for n in by_size})
     lines = ["## What bounds the speedup here", "", context, "",
-             "Cost of one target forward over n tokens, relative to one token (a plain decoding step):", "",
-             "| n | " + " | ".join(str(n) for n in costs) + " |",
-             "| --- |" + " ---: |" * len(costs),
-             "| ms | " + " | ".join(f"{1000 * value:.0f}" for value in costs.values()) + " |",
-             "| t(n) / t(1) | " + " | ".join(f"{value / plain_step:.2f}" for value in costs.values()) + " |", ""]
-    lines += ["Per tree setting (depth d, top-k, N tree nodes with the root): time per cycle, measured tau and speedup, and the "
-              "two ceilings from the module docstring of `benchmarks/default_model/verify_cost.py`:", "",
-              "| d, top-k, N | draft ms | verify ms | plain step ms | tau | measured speedup | "
+             "Cost of one target forward over n tokens, relative to one token (a plain decoding step) in the same dtype:",
+             "", "| n | " + " | ".join(str(n) for n in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
+    for dtype, by_size in costs.items():
+        lines.append(f"| {dtype}, ms | " + " | ".join(f"{1000 * by_size[n]:.0f}" for n in sizes) + " |")
+        lines.append(f"| {dtype}, t(n) / t(1) | " + " | ".join(f"{by_size[n] / by_size[1]:.2f}" for n in sizes) + " |")
+    lines += ["", "Per dtype and tree setting (depth d, top-k, N tree nodes with the root): time per cycle, measured tau "
+              "and speedup, and the two ceilings from the module docstring of `benchmarks/default_model/verify_cost.py`:",
+              "", "| dtype | d, top-k, N | draft ms | verify ms | plain step ms | tau | measured speedup | "
               "ceiling, this draft | ceiling, free perfect draft |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in cycles:
         tree = row["tree"]
         gained = tree["depth"] + 1
-        verify = costs.get(tree["total_tokens"])
-        free = f"{gained * plain_step / verify:.2f}x" if verify else "n/a"
+        by_size = costs[row["dtype"]]
+        verify = by_size.get(tree["total_tokens"])
+        free = f"{gained * by_size[1] / verify:.2f}x" if verify else "n/a"
         with_draft = gained * row["plain_ms_per_step"] / (row["draft_ms_per_cycle"] + row["verify_ms_per_cycle"])
         lines.append(
-            f"| {tree['depth']}, {tree['top_k']}, {tree['total_tokens']} | {row['draft_ms_per_cycle']:.0f} | "
-            f"{row['verify_ms_per_cycle']:.0f} | {row['plain_ms_per_step']:.0f} | {row['tau']:.2f} | "
-            f"{row['speedup']:.2f}x | {with_draft:.2f}x | {free} |"
+            f"| {row['dtype']} | {tree['depth']}, {tree['top_k']}, {tree['total_tokens']} | "
+            f"{row['draft_ms_per_cycle']:.0f} | {row['verify_ms_per_cycle']:.0f} | {row['plain_ms_per_step']:.0f} | "
+            f"{row['tau']:.2f} | {row['speedup']:.2f}x | {with_draft:.2f}x | {free} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -125,28 +129,35 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="forward sizes n, comma-separated")
     parser.add_argument("--context", type=int, default=48, help="tokens appended after the prompt before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed forwards per size (default 7)")
-    parser.add_argument("--trees", nargs="+", type=TreeParams.parse,
-                        default=[TreeParams(1, 1, 2), TreeParams(2, 1, 3), TreeParams(3, 1, 4), TreeParams(3, 2, 6),
-                                 TreeParams(4, 2, 8)],
-                        help="tree settings as depth,top_k,total_tokens")
+    parser.add_argument("--trees", nargs="+", type=TreeParams.parse, default=list(FLOAT32_TREES),
+                        help="float32 tree settings as depth,top_k,total_tokens")
+    parser.add_argument("--bf16-trees", nargs="+", type=TreeParams.parse, default=list(BF16_TREES),
+                        help=f"bfloat16 tree settings, at most {batch_invariant.ROWS} tokens; measured only on CPUs "
+                             "with native bfloat16 support")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--output", type=Path, required=True, help="Markdown file to write (JSON next to it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    target = load_target(args.target, dtype="float32", device="cpu")
-    draft = DraftModel.from_pretrained(args.draft)
-    inputs = build_inputs(target.processor, args.prompt, [load_image(args.image)])
-    sizes = sorted({1, *(int(size) for size in args.sizes.split(","))})
-    sizes = sorted(set(sizes) | {tree.total_tokens for tree in args.trees})
-    costs = forward_costs(target, inputs, sizes, args.context, args.repeats)
-    cycles = cycle_costs(target, draft, inputs, args.trees, args.max_new_tokens)
+    runs = {"float32": args.trees}
+    if batch_invariant.supported():
+        runs["bfloat16"] = args.bf16_trees
+    costs, cycles = {}, []
+    for dtype, trees in runs.items():
+        target = load_target(args.target, dtype=dtype, device="cpu")
+        draft = DraftModel.from_pretrained(args.draft)
+        inputs = build_inputs(target.processor, args.prompt, [load_image(args.image)])
+        sizes = sorted({1, *(int(size) for size in args.sizes.split(","))} | {tree.total_tokens for tree in trees})
+        costs[dtype] = forward_costs(target, inputs, sizes, args.context, args.repeats)
+        cycles += [{"dtype": dtype, **row} for row in cycle_costs(target, draft, inputs, trees, args.max_new_tokens)]
+        del target, draft
 
     prompt_length = int(inputs["input_ids"].shape[1])
     context = (f"Measured by `benchmarks/default_model/verify_cost.py` on {Path(args.image).name} with "
-               f"\"{args.prompt}\": a {prompt_length}-token prompt plus {args.context} tokens in the cache, float32, "
+               f"\"{args.prompt}\": a {prompt_length}-token prompt plus {args.context} tokens in the cache, "
                f"{torch.get_num_threads()} torch threads, median of {args.repeats} forwards per size; "
-               f"{args.max_new_tokens} new tokens per decoding run.")
+               f"{args.max_new_tokens} new tokens per decoding run. float32 uses PyTorch's kernels, bfloat16 msd's "
+               "batch-invariant ones (`msd.targets.batch_invariant`).")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown(costs, cycles, context))
     args.output.with_suffix(".json").write_text(

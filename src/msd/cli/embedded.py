@@ -67,6 +67,22 @@ def register(subparsers) -> None:
     )
     train.set_defaults(handler=run_train)
 
+    options = actions.add_parser(
+        "options",
+        help="print the dtype and tree options that decode the default model fastest on this CPU",
+        description="Print `msd generate`/`msd bench` options for the default model on this machine's CPU: bfloat16 "
+        "with a 16-token tree where the CPU has native bfloat16 support (AMX), float32 with a 3-token chain elsewhere. "
+        "Options given after them override them.",
+    )
+    options.set_defaults(handler=run_options)
+
+
+def run_options(arguments: argparse.Namespace) -> int:
+    from msd.embedded.settings import decoding_options
+
+    print(" ".join(decoding_options()))
+    return 0
+
 
 def run_build(arguments: argparse.Namespace) -> int:
     from msd.embedded.build import DEFAULT_IMAGE_SIZE, build_default_target

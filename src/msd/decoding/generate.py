@@ -26,6 +26,7 @@ from msd.decoding.drafter import Drafter, MSDDrafter, RootOnlyDrafter
 from msd.decoding.tree import TreeParams
 from msd.decoding.verify import SamplingParams, TokenChooser, walk_tree
 from msd.draft.model import DraftModel
+from msd.errors import MSDError
 from msd.targets.base import TargetAdapter
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,13 @@ class SpeculativeGenerator:
         else:
             self.drafter = draft
         self.tree = tree or TreeParams()
+        limit = target.max_tree_tokens
+        if limit is not None and self.tree.total_tokens > limit and not isinstance(self.drafter, RootOnlyDrafter):
+            raise MSDError(
+                f"a tree of {self.tree.total_tokens} tokens is too large for this target: its batch-invariant "
+                f"bfloat16 CPU kernels verify at most {limit} tokens exactly. Pass --total-tokens {limit} or less, "
+                "or load the target in float32."
+            )
         if tokenizer is None and target.processor is not None:
             tokenizer = getattr(target.processor, "tokenizer", target.processor)
         self.tokenizer = tokenizer

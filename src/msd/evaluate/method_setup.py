@@ -16,6 +16,13 @@ from msd.targets.base import TargetAdapter
 logger = logging.getLogger(__name__)
 
 PROBE_TOKENS = 4
+#: transformers methods that verify their first candidates in the prompt's forward
+FUSED_PROMPT_METHODS = ("prompt-lookup", "assisted")
+FUSED_PROMPT_REASON = (
+    "transformers verifies its first candidates in the same forward as the prompt, and the target's batch-invariant "
+    "bfloat16 kernels give those tokens the prompt's rounding, so its output may differ from plain decoding. Run it "
+    "with --dtype float32."
+)
 
 
 def build_methods(
@@ -69,6 +76,11 @@ def drop_unsupported(methods: list[Method], inputs: Mapping[str, torch.Tensor]) 
     """
     kept, skipped = [], {}
     for method in methods:
+        fused = isinstance(method, TransformersMethod) and method.name in FUSED_PROMPT_METHODS
+        if fused and method.target.max_tree_tokens is not None:
+            logger.warning("skipping %s: %s", method.name, FUSED_PROMPT_REASON)
+            skipped[method.name] = FUSED_PROMPT_REASON
+            continue
         if isinstance(method, TransformersMethod):
             try:
                 method.run(inputs, GenerationLimits(PROBE_TOKENS))

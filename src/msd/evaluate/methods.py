@@ -98,6 +98,7 @@ class TransformersMethod(Method):
 
     def __init__(self, name: str, target: TargetAdapter, tokenizer, **generate_options):
         self.name = name
+        self.target = target
         self.model = target.model
         self.device = target.device
         self.tokenizer = tokenizer

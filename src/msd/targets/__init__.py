@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from msd.errors import MSDError
+from msd.targets import batch_invariant
 from msd.targets.base import PrefillOutput, TargetAdapter, TargetState
 from msd.targets.cpu_linear import AUTO, choose_max_rows, use_small_batch_linears
 from msd.targets.llava import LlavaAdapter
@@ -48,12 +49,16 @@ def load_target(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     cpu_linear_rows: int | str = AUTO,
+    invariant_kernels: bool = True,
 ) -> TargetAdapter:
     """Load a target model and its processor from a local folder or a Hugging Face model id.
 
-    On a CPU, linear layers switch to `SmallBatchLinear` for inputs of at most `cpu_linear_rows` rows, which makes
-    few-token forwards faster on some CPUs and slower on others (`msd.targets.cpu_linear`). "auto" times both on this
-    machine and picks the limit, and 0 keeps PyTorch's layers.
+    On a CPU with native bfloat16 support, a bfloat16 target switches its language model to batch-invariant kernels
+    (`msd.targets.batch_invariant`), so that verifying up to 16 tokens costs about one plain step and rounds each token
+    as plain decoding does; `invariant_kernels=False` keeps PyTorch's. Otherwise, on a CPU, linear layers switch to
+    `SmallBatchLinear` for inputs of at most `cpu_linear_rows` rows, which makes few-token forwards faster on some CPUs
+    and slower on others (`msd.targets.cpu_linear`). "auto" times both on this machine and picks the limit, and 0
+    keeps PyTorch's layers.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -76,8 +81,13 @@ def load_target(
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation
     ).to(device)
-    if model.device.type == "cpu":
-        if cpu_linear_rows == AUTO:
-            cpu_linear_rows = choose_max_rows(model)
-        use_small_batch_linears(model, cpu_linear_rows)
-    return adapter_for(model, processor)
+    adapter = adapter_for(model, processor)
+    if model.device.type != "cpu":
+        return adapter
+    if invariant_kernels and model.dtype == torch.bfloat16 and batch_invariant.supported(model.device):
+        batch_invariant.use_batch_invariant_kernels(adapter)
+        return adapter
+    if cpu_linear_rows == AUTO:
+        cpu_linear_rows = choose_max_rows(model)
+    use_small_batch_linears(model, cpu_linear_rows)
+    return adapter

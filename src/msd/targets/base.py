@@ -66,6 +66,8 @@ class TargetAdapter(ABC):
     model_types: tuple[str, ...] = ()
     #: number of position-id rows the language model takes
     position_rows: int = 1
+    #: largest tree whose verification stays exact (batch-invariant kernels); None when any size is fine
+    max_tree_tokens: int | None = None
 
     def __init__(self, model: PreTrainedModel, processor=None):
         self.model = model.eval()

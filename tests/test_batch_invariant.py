@@ -1,0 +1,186 @@
+"""Batch-invariant bfloat16 CPU kernels: every token of a decoding forward gets the bits of a one-token forward.
+
+These tests run the tiny targets in bfloat16, where PyTorch's own kernels round a token differently depending on how
+many tokens share the forward. The comparisons are bitwise or token for token, with no tolerance.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msd.decoding import DraftTree, SpeculativeGenerator, TreeParams
+from msd.draft import DraftConfig, DraftModel
+from msd.errors import MSDError
+from msd.evaluate.method_setup import FUSED_PROMPT_REASON, build_methods, drop_unsupported
+from msd.targets import adapter_for, load_target
+from msd.targets import batch_invariant
+from msd.targets.base import truncate_cache
+from msd.targets.batch_invariant import ROWS, InvariantLinear, use_batch_invariant_kernels
+from oracle import OracleDrafter
+from conftest import Family
+from tiny_models import CORPUS, TinyQwen2VL, build_llava, llava_inputs, random_image
+
+pytestmark = pytest.mark.skipif(
+    not batch_invariant.supported(), reason="this CPU has no native bfloat16 support (AVX-512 BF16 or AMX)"
+)
+
+#: a branching tree of 9 nodes: parent of each node after the root
+PARENTS = [0, 0, 1, 1, 2, 3, 3, 6]
+
+
+def branching_tree(tokens: list[int]) -> DraftTree:
+    """A DraftTree over `tokens` (root first) with the PARENTS shape."""
+    return DraftTree(tokens=torch.tensor(tokens), parents=torch.tensor([-1, *PARENTS]))
+
+
+def path_to(node: int) -> list[int]:
+    """Node indices from the root to `node`."""
+    parents = [-1, *PARENTS]
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+@pytest.fixture(scope="module")
+def bf16_llava():
+    # A wider model than the float64 fixtures, so its products run through oneDNN's blocked bfloat16 kernels.
+    model, processor = build_llava(seed=5, dtype=torch.bfloat16, hidden_size=256, intermediate_size=688)
+    family = Family("llava", model, lambda text, images: llava_inputs(processor, text, images))
+    use_batch_invariant_kernels(family.target)
+    return family
+
+
+@pytest.fixture(scope="module")
+def bf16_qwen():
+    tiny = TinyQwen2VL(seed=5, dtype=torch.bfloat16, hidden_size=256, intermediate_size=688)
+    family = Family("qwen2_vl", tiny.model, tiny.inputs)
+    use_batch_invariant_kernels(family.target)
+    return family
+
+
+@pytest.fixture(params=["llava", "qwen2_vl"])
+def bf16_family(request, bf16_llava, bf16_qwen):
+    return bf16_llava if request.param == "llava" else bf16_qwen
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_rows_independent(bias):
+    # Each row of a forward over 1..16 rows equals the same row of a full 16-row forward, bit for bit.
+    torch.manual_seed(0)
+    linear = nn.Linear(160, 96, bias=bias).to(torch.bfloat16)
+    layer = InvariantLinear(linear)
+    inputs = torch.randn(ROWS, 160).to(torch.bfloat16)
+    full = layer(inputs)
+    for rows in range(1, ROWS + 1):
+        assert torch.equal(layer(inputs[:rows]), full[:rows])
+        assert torch.equal(layer(inputs[None, :rows])[0], full[:rows])  # leading batch dimension
+    torch.testing.assert_close(full, F.linear(inputs, linear.weight, linear.bias), rtol=2e-2, atol=2e-2)
+
+
+def test_linear_prompts_and_parameters():
+    # Longer inputs run unpadded; the parameters are the wrapped layer's own.
+    linear = nn.Linear(64, 48).to(torch.bfloat16)
+    layer = InvariantLinear(linear)
+    prompt = torch.randn(1, 40, 64).to(torch.bfloat16)
+    assert layer(prompt).shape == (1, 40, 48)
+    assert layer.weight is linear.weight
+    assert layer.bias is linear.bias
+    assert layer(prompt[:, :0]).shape == (1, 0, 48)
+
+
+def test_linear_rejects_float32():
+    with pytest.raises(MSDError, match="bfloat16 weights"):
+        InvariantLinear(nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize("prompt_words", [8, 200])
+def test_tree_node_matches_path(bf16_family, prompt_words):
+    # Each node of a branching tree gets the logits its path gets when decoded one token at a time. The long prompt
+    # (more than 512 keys in the cache for LLaVA) crosses the attention kernel's key blocks.
+    target = bf16_family.target
+    text = " ".join((" ".join(CORPUS)).split()[:prompt_words] * (1 + prompt_words // 40))
+    inputs = bf16_family.make_inputs(text, [random_image(64, 48, 3)])
+    prefill, state = target.prefill(inputs)
+    base = state.length
+    tokens = [int(prefill.logits.argmax())] + [(17 * node + 5) % target.vocab_size for node in range(1, 9)]
+    tree = branching_tree(tokens)
+    tree_logits, _ = target.forward_tree(state, tree.tokens, tree.depths, tree.ancestor_mask())
+    for node in range(len(tokens)):
+        truncate_cache(state.cache, base)
+        state.length = base
+        for index in path_to(node):
+            single, _ = target.forward_tree(
+                state, tree.tokens[index : index + 1], torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+            )
+        assert torch.equal(tree_logits[node], single[0]), f"node {node}"
+
+
+@pytest.mark.parametrize("tree", [TreeParams(2, 1, 3), TreeParams(4, 3, 10), TreeParams(5, 4, 16)])
+@pytest.mark.parametrize("drafter_kind", ["oracle_decoys", "msd_random"])
+def test_speculative_matches_generate(bf16_family, tree, drafter_kind):
+    # Speculative decoding in bfloat16 gives exactly transformers' generate on the same model.
+    inputs = bf16_family.make_inputs(" ".join(CORPUS[:2]), [random_image(80, 60, 1)])
+    max_new_tokens = 40
+    expected = bf16_family.reference(inputs, max_new_tokens, eos_token_id=-1)
+    if drafter_kind == "msd_random":
+        torch.manual_seed(7)
+        drafter = DraftModel(DraftConfig.for_target(bf16_family.target))
+    else:
+        plain = SpeculativeGenerator(bf16_family.target, None)
+        continuation = plain.generate(inputs, max_new_tokens=max_new_tokens + tree.depth + 2, eos_token_ids=[])
+        drafter = OracleDrafter(continuation.token_ids, bf16_family.target.vocab_size, decoys=2)
+    output = SpeculativeGenerator(bf16_family.target, drafter, tree).generate(
+        inputs, max_new_tokens=max_new_tokens, eos_token_ids=[]
+    )
+    assert output.token_ids == expected
+    if drafter_kind == "oracle_decoys":
+        assert output.stats.tau > 1.5  # the check covered multi-token verification forwards
+
+
+def test_large_tree_rejected(bf16_llava):
+    # Forwards over more than ROWS tokens are not invariant, so such trees fail before decoding.
+    draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
+    with pytest.raises(MSDError, match=f"--total-tokens {ROWS} or less"):
+        SpeculativeGenerator(bf16_llava.target, draft, TreeParams(5, 8, ROWS + 1))
+    SpeculativeGenerator(bf16_llava.target, None, TreeParams(5, 8, 48))  # plain decoding verifies no tree
+
+
+def test_bench_skips_prompt_lookup(bf16_llava):
+    # transformers' prompt lookup checks its first candidates in the prompt's forward, so it cannot be exact here.
+    methods = build_methods(bf16_llava.target, ["plain", "generate", "prompt-lookup"], TreeParams(2, 1, 3), {})
+    inputs = bf16_llava.make_inputs("Hi", [random_image(40, 40, 2)])
+    kept, skipped = drop_unsupported(methods, inputs)
+    assert [method.name for method in kept] == ["plain", "generate"]
+    assert skipped == {"prompt-lookup": FUSED_PROMPT_REASON}
+
+
+@pytest.fixture(scope="module")
+def saved_target(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("target")
+    model, processor = build_llava(seed=3, dtype=torch.float32)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_load_target_bfloat16_only(saved_target):
+    # bfloat16 on such a CPU gets the kernels; float32 and invariant_kernels=False keep PyTorch's.
+    target = load_target(saved_target, dtype="bfloat16")
+    assert isinstance(target.lm_head, InvariantLinear)
+    assert target.max_tree_tokens == ROWS
+    assert target.model.config.text_config._attn_implementation == batch_invariant.ATTENTION_NAME
+    assert target.model.config.vision_config._attn_implementation == "sdpa"
+    stock = load_target(saved_target, dtype="bfloat16", invariant_kernels=False)
+    assert type(stock.lm_head) is nn.Linear
+    assert stock.max_tree_tokens is None
+    float32 = load_target(saved_target, dtype="float32", cpu_linear_rows=0)
+    assert type(float32.lm_head) is nn.Linear
+    assert float32.max_tree_tokens is None
+
+
+def test_switch_rejects_float32():
+    model, _ = build_llava(seed=0, dtype=torch.float32)
+    with pytest.raises(MSDError, match="bfloat16 weights"):
+        use_batch_invariant_kernels(adapter_for(model))
