@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from msd.errors import MSDError
+from msd.targets.batch_invariant import key_layout
 
 
 @dataclass
@@ -206,12 +207,16 @@ class TargetAdapter(ABC):
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
+        extra = {}
+        if self.max_tree_tokens is not None:  # batch-invariant attention: lay out each row's keys once for all layers
+            extra["key_layout"] = key_layout(ancestor_mask.to(self.device), state.length, self.dtype)
         output = self.language_model(
             inputs_embeds=self.embed_tokens(tokens)[None],
             position_ids=self.format_positions(positions),
             attention_mask=mask[None, None],  # (1, 1, n, length + n)
             cache=state.cache,
             use_cache=True,
+            **extra,
         )
         state.length += n
         hidden = output.last_hidden_state[0]  # (n, H)

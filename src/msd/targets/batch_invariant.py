@@ -7,9 +7,9 @@ forward gets the same bits as it would get in a one-token forward at the same pl
 Lossless speculative decoding needs that property. PyTorch's CPU kernels pick their blocking and their instruction
 path from the number of rows, so a token verified inside a tree is rounded differently from the same token decoded
 alone. In float32 the difference stays around 1e-7 and almost never flips a greedy choice. In bfloat16 it does: with
-PyTorch's kernels, 13 of 20 bfloat16 decoding runs of the embedded default target drifted from plain decoding. Yet
-bfloat16 is where a CPU with AMX makes verification cheap, because a weight read once serves 16 rows at about the cost
-of one.
+PyTorch's kernels, msd's output on the embedded default target differed from plain decoding on 4 of the 10 benchmark
+prompts with a 3-token chain and on 6 of 10 with an 8-token tree. Yet bfloat16 is where a CPU with AMX makes
+verification cheap, because a weight read once serves 16 rows at about the cost of one.
 
 Two replacements make every decoding forward of at most `ROWS` tokens batch-invariant:
 
@@ -17,12 +17,13 @@ Two replacements make every decoding forward of at most `ROWS` tokens batch-inva
   zero-padded to exactly `ROWS` rows, so every decoding forward runs one kernel on one shape. Rows do not interact in
   a matrix product, so each row's result is the same whichever rows share the call. Longer inputs (prompts) run
   unpadded: plain decoding, speculative decoding and transformers' `generate` all prefill the same way.
-- `invariant_attention` (registered with transformers as `ATTENTION_NAME`): each query row attends in its own batch
-  entry, with one query, to the keys it may see gathered in cache order (the cached prefix, then its tree ancestors
-  and itself), zero-padded to a multiple of `KEY_BLOCK` keys under the mask. A tree node therefore sees exactly the key
-  layout it would see as the last token of plain decoding; padded keys add exact zeros.
+- `invariant_attention` (registered with transformers as `ATTENTION_NAME`): each query row gets its own batch entry
+  with one query. Its keys are gathered in cache order (the cached prefix, then its tree ancestors and itself) and
+  padded to a multiple of `KEY_BLOCK` keys that the mask hides. A tree node therefore attends over the key layout it
+  would have as the last token of plain decoding, and the hidden keys add exact zeros. The layout is built once per
+  forward (`key_layout`) and shared by all layers.
 
-Forwards of more than `ROWS` tokens after the prompt would not be invariant, so `SpeculativeGenerator` refuses trees
+Forwards of more than `ROWS` tokens after the prompt would not be invariant, so `SpeculativeGenerator` rejects trees
 above `ROWS` nodes on a target using these kernels. The reordered weights are a second copy next to the originals,
 which stay for the state dict, tied embeddings and the draft's borrowed LM head.
 
@@ -36,7 +37,10 @@ Cost of one forward of the embedded default target over n tokens on a 2-core Xeo
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -45,7 +49,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from msd.errors import MSDError
-from msd.targets.base import TargetAdapter
+
+if TYPE_CHECKING:
+    from msd.targets.base import TargetAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -94,49 +100,88 @@ class InvariantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rows={self.rows}"
 
 
-def invariant_attention(module, query, key, value, attention_mask, **kwargs):
+@dataclass
+class KeyLayout:
+    """The keys each query row of a decoding forward attends to, in the padded per-row layout.
+
+    q is the number of new tokens, W the padded key count (a multiple of `KEY_BLOCK`).
+    """
+
+    index: torch.Tensor  # (q * W,) cache index of each row's keys: the prefix, its visible new tokens, then key 0
+    mask: torch.Tensor  # (q, 1, 1, W) additive: 0 on the row's keys, the dtype's minimum on the padding
+    width: int  # W
+
+
+def key_layout(visible: torch.Tensor, prefix: int, dtype: torch.dtype) -> KeyLayout:
+    """Build the layout of a forward over q new tokens appended to `prefix` cached ones.
+
+    visible: (q, q) bool, [i, j] True when new token i attends to new token j (its ancestors and itself).
+    """
+    count = visible.shape[0]
+    device = visible.device
+    seen = visible.sum(-1)  # (q,) new tokens each row attends to
+    longest = int(seen.max())
+    width = -(-(prefix + longest) // KEY_BLOCK) * KEY_BLOCK
+    # Each row's visible new tokens in cache order: a stable sort puts them first.
+    order = torch.sort((~visible).to(torch.int8), dim=-1, stable=True).indices[:, :longest]  # (q, longest)
+    index = torch.zeros(count, width, dtype=torch.long, device=device)
+    index[:, :prefix] = torch.arange(prefix, device=device)
+    index[:, prefix : prefix + longest] = prefix + order
+    padding = torch.arange(width, device=device)[None] >= (prefix + seen)[:, None]  # (q, W)
+    index.masked_fill_(padding, 0)
+    mask = torch.zeros(count, 1, 1, width, dtype=dtype, device=device)
+    mask.masked_fill_(padding[:, None, None], torch.finfo(dtype).min)
+    return KeyLayout(index=index.reshape(-1), mask=mask, width=width)
+
+
+@functools.lru_cache(maxsize=8)
+def causal_layout(count: int, prefix: int, dtype: torch.dtype) -> KeyLayout:
+    """Return the layout of `count` new tokens that each attend to the ones before them. It is cached because
+    transformers' `generate` passes no mask to one-token forwards, and every layer of a forward needs the layout."""
+    return key_layout(torch.ones(count, count, dtype=torch.bool).tril(), prefix, dtype)
+
+
+def layout_from_mask(
+    attention_mask: torch.Tensor | None, count: int, kv: int, dtype: torch.dtype
+) -> KeyLayout | None:
+    """Read the layout from a transformers attention mask; None when the mask hides part of the cached prefix."""
+    prefix = kv - count
+    if attention_mask is None:
+        return causal_layout(count, prefix, dtype)
+    allowed = attention_mask[0, 0] if attention_mask.dtype == torch.bool else attention_mask[0, 0] == 0
+    allowed = allowed.expand(count, kv)
+    if not bool(allowed[:, :prefix].all()):
+        return None
+    return key_layout(allowed[:, prefix:], prefix, dtype)
+
+
+def invariant_attention(module, query, key, value, attention_mask, key_layout: KeyLayout | None = None, **kwargs):
     """Scaled dot-product attention, one batch entry per query row (see the module docstring).
 
     query: (1, heads, q, D); key, value: (1, kv heads, kv, D), the last q of them the new tokens;
     attention_mask: None (causal), bool (True = attend) or additive, broadcastable to (1, 1, q, kv).
-    Returns (1, q, heads, D) as transformers' attention functions do. Prompts (q > ROWS), batches and masks that hide
-    part of the cached prefix go to transformers' own SDPA function unchanged.
+    key_layout: the forward's `KeyLayout`, built once for all layers by `TargetAdapter.forward_tree`; without it the
+    layout is read from the mask. Returns (1, q, heads, D) as transformers' attention functions do. Prompts
+    (q > ROWS), batches and masks that hide part of the cached prefix go to transformers' own SDPA function.
     """
     batch, _, count, dim = query.shape
-    kv = key.shape[2]
-    prefix = kv - count  # keys already in the cache
+    if kwargs.get("sliding_window") is not None:
+        raise MSDError("msd's batch-invariant attention does not support sliding-window attention.")
     if batch != 1 or count > ROWS:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is None:
-        visible = torch.ones(count, count, dtype=torch.bool, device=query.device).tril()
-    else:
-        allowed = attention_mask[0, 0] if attention_mask.dtype == torch.bool else attention_mask[0, 0] == 0
-        allowed = allowed.expand(count, kv)
-        if not bool(allowed[:, :prefix].all()):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        visible = allowed[:, prefix:]  # (q, q): the new tokens each row attends to
-
-    seen = visible.sum(-1)  # (q,) new tokens each row attends to: its ancestors and itself
-    longest = int(seen.max())
-    width = -(-(prefix + longest) // KEY_BLOCK) * KEY_BLOCK
-    # For each row, the indices of the new tokens it attends to, in cache order (a stable sort puts them first).
-    order = torch.sort((~visible).to(torch.int8), dim=-1, stable=True).indices[:, :longest]  # (q, longest)
+    layout = key_layout or layout_from_mask(attention_mask, count, key.shape[2], query.dtype)
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     def gather(states: torch.Tensor) -> torch.Tensor:
-        """(1, kv heads, kv, D) -> (q, kv heads, width, D): per row, the prefix, its visible new tokens, zeros."""
-        rows = states.new_empty(count, states.shape[1], width, dim)
-        rows[:, :, :prefix] = states[0, :, :prefix]
-        rows[:, :, prefix : prefix + longest] = states[0, :, prefix:][:, order].transpose(0, 1)
-        rows[:, :, prefix + longest :] = 0
-        return rows
+        """(1, kv heads, kv, D) -> (q, kv heads, W, D), each row's keys in the layout's order."""
+        rows = states[0].index_select(1, layout.index)  # (kv heads, q * W, D)
+        return rows.view(states.shape[1], count, layout.width, dim).transpose(0, 1)
 
-    hidden = torch.arange(width, device=query.device)[None] >= (prefix + seen)[:, None]  # (q, width)
-    mask = torch.zeros(count, 1, 1, width, dtype=query.dtype, device=query.device)
-    mask.masked_fill_(hidden[:, None, None], torch.finfo(query.dtype).min)
     queries = query[0].transpose(0, 1)[:, :, None]  # (q, heads, 1, D)
     kwargs.pop("is_causal", None)
     output, _ = sdpa_attention_forward(
-        module, queries, gather(key), gather(value), mask, is_causal=False, **kwargs
+        module, queries, gather(key), gather(value), layout.mask, is_causal=False, **kwargs
     )  # (q, 1, heads, D)
     return output.transpose(0, 1), None
 
@@ -145,7 +190,7 @@ AttentionInterface.register(ATTENTION_NAME, invariant_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def use_batch_invariant_kernels(target: TargetAdapter) -> int:
+def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
     """Switch a bfloat16 target's language model and LM head to the batch-invariant kernels, in place.
 
     Sets `target.max_tree_tokens` to `ROWS` and returns the number of linear layers replaced. The vision tower and
