@@ -12,6 +12,7 @@ from msd.targets import batch_invariant
 def test_options_follow_cpu_support(native_bf16, monkeypatch, capsys):
     # With native bfloat16 the tree fits the batch-invariant kernels' row block; otherwise float32 and a short chain.
     monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": native_bf16)
+    monkeypatch.setattr(settings, "has_amx", lambda: True)
     assert main(["embedded", "options"]) == 0
     printed = capsys.readouterr().out.split()
     expected = settings.BFLOAT16_OPTIONS if native_bf16 else settings.FLOAT32_OPTIONS
@@ -21,6 +22,14 @@ def test_options_follow_cpu_support(native_bf16, monkeypatch, capsys):
     tree = tree_from(arguments)
     assert arguments.dtype == ("bfloat16" if native_bf16 else "float32")
     assert tree.total_tokens <= batch_invariant.ROWS
+
+
+def test_no_amx_gets_float32(monkeypatch, capsys):
+    # bfloat16 dot products without AMX tiles do not make verification cheap, so float32 stays.
+    monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": True)
+    monkeypatch.setattr(settings, "has_amx", lambda: False)
+    main(["embedded", "options"])
+    assert tuple(capsys.readouterr().out.split()) == settings.FLOAT32_OPTIONS
 
 
 def test_later_options_override(capsys):

@@ -9,12 +9,23 @@ drafted tokens is kept.
 
 from __future__ import annotations
 
+import torch
+
 from msd.targets import batch_invariant
 
 BFLOAT16_OPTIONS = ("--dtype", "bfloat16", "--depth", "4", "--tree-top-k", "4", "--total-tokens", "16")
 FLOAT32_OPTIONS = ("--dtype", "float32", "--depth", "2", "--tree-top-k", "1", "--total-tokens", "3")
 
 
+def has_amx() -> bool:
+    """True when this CPU has AMX tiles, where the bfloat16 cost curve above was measured."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 def decoding_options() -> tuple[str, ...]:
-    """Return the `msd generate`/`msd bench` options (dtype and tree) for the default model on this machine's CPU."""
-    return BFLOAT16_OPTIONS if batch_invariant.supported() else FLOAT32_OPTIONS
+    """Return the `msd generate`/`msd bench` options (dtype and tree) for the default model on this machine's CPU.
+
+    CPUs with bfloat16 dot products but no AMX (AVX-512 BF16 alone) get float32: the flat cost curve comes from AMX.
+    """
+    return BFLOAT16_OPTIONS if batch_invariant.supported() and has_amx() else FLOAT32_OPTIONS
