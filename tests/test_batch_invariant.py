@@ -12,7 +12,10 @@ from torch import nn
 from msd.decoding import DraftTree, SpeculativeGenerator, TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
+from msd.cli import main
 from msd.evaluate.method_setup import FUSED_PROMPT_REASON, build_methods, drop_unsupported
+from msd.evaluate.report import markdown_report
+from msd.evaluate.tree_tuning import tune_tree
 from msd.targets import adapter_for, load_target
 from msd.targets import batch_invariant
 from msd.targets.base import truncate_cache
@@ -142,7 +145,7 @@ def test_speculative_matches_generate(bf16_family, tree, drafter_kind):
 def test_large_tree_rejected(bf16_llava):
     # Forwards over more than ROWS tokens are not invariant, so such trees fail before decoding.
     draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
-    with pytest.raises(MSDError, match=f"--total-tokens {ROWS} or less"):
+    with pytest.raises(MSDError, match=f"--total-tokens {ROWS} or less .TreeParams.total_tokens"):
         SpeculativeGenerator(bf16_llava.target, draft, TreeParams(5, 8, ROWS + 1))
     SpeculativeGenerator(bf16_llava.target, None, TreeParams(5, 8, 48))  # plain decoding verifies no tree
 
@@ -154,6 +157,19 @@ def test_bench_skips_prompt_lookup(bf16_llava):
     kept, skipped = drop_unsupported(methods, inputs)
     assert [method.name for method in kept] == ["plain", "generate"]
     assert skipped == {"prompt-lookup": FUSED_PROMPT_REASON}
+    report = markdown_report({}, {"dtype": "torch.bfloat16", "skipped_methods": skipped})
+    assert f"- skipped prompt-lookup: {FUSED_PROMPT_REASON}" in report
+
+
+def test_tree_tuning_keeps_exact_sizes(bf16_llava):
+    # --tune-tree times only tree sizes the kernels verify exactly, and raises when none is left.
+    draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
+    inputs = bf16_llava.make_inputs("Hi", [random_image(40, 40, 2)])
+    choice = tune_tree(bf16_llava.target, draft, inputs, TreeParams(2, 2, 4), sizes=[4, ROWS, 32], depths=[2], pilot_tokens=4)
+    assert choice.params.total_tokens <= ROWS
+    assert set(choice.forward_times) == {4, ROWS}
+    with pytest.raises(MSDError, match="--tune-sizes"):
+        tune_tree(bf16_llava.target, draft, inputs, TreeParams(2, 2, 4), sizes=[32, 48], depths=[2], pilot_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -166,18 +182,35 @@ def saved_target(tmp_path_factory):
 
 
 def test_load_target_bfloat16_only(saved_target):
-    # bfloat16 on such a CPU gets the kernels; float32 and invariant_kernels=False keep PyTorch's.
+    # bfloat16 on such a CPU gets the kernels; float32, and invariant_kernels=False with cpu_linear_rows=0, keep PyTorch's.
     target = load_target(saved_target, dtype="bfloat16")
     assert isinstance(target.lm_head, InvariantLinear)
     assert target.max_tree_tokens == ROWS
     assert target.model.config.text_config._attn_implementation == batch_invariant.ATTENTION_NAME
     assert target.model.config.vision_config._attn_implementation == "sdpa"
-    stock = load_target(saved_target, dtype="bfloat16", invariant_kernels=False)
+    stock = load_target(saved_target, dtype="bfloat16", invariant_kernels=False, cpu_linear_rows=0)
     assert type(stock.lm_head) is nn.Linear
     assert stock.max_tree_tokens is None
     float32 = load_target(saved_target, dtype="float32", cpu_linear_rows=0)
     assert type(float32.lm_head) is nn.Linear
     assert float32.max_tree_tokens is None
+
+
+def test_cli_default_tree_fits(saved_target, tmp_path, capsys):
+    # Without --total-tokens, msd generate lowers the default tree of 48 tokens to the 16 the kernels verify exactly.
+    target = load_target(saved_target, dtype="bfloat16")
+    DraftModel(DraftConfig.for_target(target)).save_pretrained(tmp_path / "draft")
+    code = main([
+        "generate", "--target", str(saved_target), "--draft", str(tmp_path / "draft"), "--dtype", "bfloat16",
+        "--prompt", "Describe the picture", "--max-new-tokens", "6", "--compare", "--no-stream",
+    ])
+    assert code == 0
+    code = main([
+        "generate", "--target", str(saved_target), "--draft", str(tmp_path / "draft"), "--dtype", "bfloat16",
+        "--prompt", "Hi", "--max-new-tokens", "2", "--total-tokens", str(ROWS + 1),
+    ])
+    assert code == 2
+    assert f"Pass --total-tokens {ROWS} or less" in capsys.readouterr().err
 
 
 def test_switch_rejects_float32():

@@ -9,7 +9,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from msd.cli.options import add_model_options, add_tree_options, tree_from
+from msd.cli.options import add_model_options, add_tree_options, fit_default_tree, tree_from
 from msd.errors import MSDError
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ def run(arguments: argparse.Namespace) -> int:
     target = load_target(
         arguments.target, dtype=arguments.dtype, device=arguments.device, cpu_linear_rows=arguments.cpu_linear_rows
     )
+    tree = fit_default_tree(tree, target, arguments)
     assistant = None
     if arguments.assistant:
         assistant = load_target(arguments.assistant, dtype=arguments.dtype, device=arguments.device).model

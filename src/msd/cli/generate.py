@@ -8,7 +8,14 @@ import sys
 
 import torch
 
-from msd.cli.options import add_model_options, add_sampling_options, add_tree_options, sampling_from, tree_from
+from msd.cli.options import (
+    add_model_options,
+    add_sampling_options,
+    add_tree_options,
+    fit_default_tree,
+    sampling_from,
+    tree_from,
+)
 from msd.errors import MSDError
 
 DESCRIPTION = """\
@@ -83,6 +90,7 @@ def run(arguments: argparse.Namespace) -> int:
     target = load_target(
         arguments.target, dtype=arguments.dtype, device=arguments.device, cpu_linear_rows=arguments.cpu_linear_rows
     )
+    tree = fit_default_tree(tree, target, arguments)
     inputs = build_inputs(target.processor, arguments.prompt, images, raw_prompt=arguments.raw_prompt)
     generator = SpeculativeGenerator(target, draft, tree)
     tokenizer = generator.tokenizer

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from dataclasses import replace
 
 from msd.errors import MSDError
 from msd.targets.cpu_linear import AUTO
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,7 +39,7 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens. On a 2-core Zen 3 CPU this "
         "made a 4-token verification forward cost about one plain step instead of 1.6, while on an Emerald Rapids "
         "Xeon it made it 2-3x slower. auto times both products at load and picks N; 0 keeps PyTorch's layers "
-        "(default auto)",
+        "(default auto). Not used by bfloat16 targets on CPUs with native bfloat16, which get batch-invariant kernels",
     )
 
 
@@ -81,9 +85,10 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--total-tokens",
         type=int,
-        default=48,
+        default=None,
         help="tree size in tokens, root included: the tokens the target verifies per forward (default 48, sized for "
-        "GPUs; on CPUs small trees such as --depth 3 --tree-top-k 1 --total-tokens 4 do better, and msd bench "
+        "GPUs, or 16 on a bfloat16 target with batch-invariant CPU kernels, which verify at most 16 tokens exactly; "
+        "on CPUs small trees such as --depth 3 --tree-top-k 1 --total-tokens 4 do better in float32, and msd bench "
         "--tune-tree picks one by measurement)",
     )
 
@@ -107,7 +112,18 @@ def sampling_from(arguments: argparse.Namespace):
 def tree_from(arguments: argparse.Namespace):
     from msd.decoding import TreeParams
 
+    total_tokens = TreeParams.total_tokens if arguments.total_tokens is None else arguments.total_tokens
     try:
-        return TreeParams(depth=arguments.depth, top_k=arguments.tree_top_k, total_tokens=arguments.total_tokens)
+        return TreeParams(depth=arguments.depth, top_k=arguments.tree_top_k, total_tokens=total_tokens)
     except ValueError as error:
         raise MSDError(str(error)) from None
+
+
+def fit_default_tree(tree, target, arguments: argparse.Namespace):
+    """Lower the default tree size to the largest tree `target` verifies exactly, unless --total-tokens was given."""
+    limit = target.max_tree_tokens
+    if arguments.total_tokens is not None or limit is None or tree.total_tokens <= limit:
+        return tree
+    logger.info("tree size lowered from the default %d to %d: this target verifies at most %d tokens exactly",
+                tree.total_tokens, limit, limit)
+    return replace(tree, total_tokens=limit)

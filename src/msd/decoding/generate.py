@@ -147,8 +147,8 @@ class SpeculativeGenerator:
         if limit is not None and self.tree.total_tokens > limit and not isinstance(self.drafter, RootOnlyDrafter):
             raise MSDError(
                 f"a tree of {self.tree.total_tokens} tokens is too large for this target: its batch-invariant "
-                f"bfloat16 CPU kernels verify at most {limit} tokens exactly. Pass --total-tokens {limit} or less, "
-                "or load the target in float32."
+                f"bfloat16 CPU kernels verify at most {limit} tokens exactly. Pass --total-tokens {limit} or less "
+                "(TreeParams.total_tokens in Python), or load the target in float32."
             )
         if tokenizer is None and target.processor is not None:
             tokenizer = getattr(target.processor, "tokenizer", target.processor)

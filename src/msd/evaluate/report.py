@@ -147,6 +147,12 @@ def write_report(folder: Path, records: Sequence[SampleRecord], summary: dict, c
 def markdown_report(summary: dict, context: dict) -> str:
     lines = ["# msd bench", ""]
     lines += [f"- {key}: {value}" for key, value in context.items() if not isinstance(value, dict)]
+    for method, reason in (context.get("skipped_methods") or {}).items():
+        lines.append(f"- skipped {method}: {reason}")
+    tuning = context.get("tree_tuning")
+    if tuning:
+        chosen = tuning["chosen"]
+        lines.append(f"- tree chosen by --tune-tree: total_tokens={chosen['total_tokens']} depth={chosen['depth']}")
     lines += ["", markdown_table(summary)]
     for method, groups in summary.items():
         different = groups[OVERALL]["different"]

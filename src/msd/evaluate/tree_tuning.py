@@ -25,6 +25,7 @@ import torch
 from msd.decoding import MSDDrafter, SpeculativeGenerator, TreeParams
 from msd.decoding.tree import DraftTree
 from msd.draft import DraftModel
+from msd.errors import MSDError
 from msd.evaluate.methods import wall_clock
 from msd.targets.base import TargetAdapter, truncate_cache
 
@@ -107,6 +108,16 @@ def tune_tree(
     """Pick total_tokens and depth for this machine (see the module docstring); top_k is kept from `base`."""
     sizes = sorted(set(sizes))
     depths = sorted(set(depths))
+    limit = target.max_tree_tokens
+    if limit is not None:
+        if all(size > limit for size in sizes):
+            raise MSDError(
+                f"every tree size in {sizes} is above {limit}, the largest tree this target's batch-invariant "
+                f"bfloat16 CPU kernels verify exactly. Pass --tune-sizes with sizes of {limit} or less."
+            )
+        if any(size > limit for size in sizes):
+            logger.warning("tree sizes above %d skipped: this target verifies at most %d tokens exactly", limit, limit)
+        sizes = [size for size in sizes if size <= limit]
     forward_times = time_target_forward(target, inputs, sizes)
     proposal_times = time_draft_proposal(target, draft, inputs, replace(base, total_tokens=max(sizes)), depths)
     logger.info("target forward times by tree size: %s", forward_times)

@@ -55,7 +55,8 @@ def load_target(
 
     On a CPU with native bfloat16 support, a bfloat16 target switches its language model to batch-invariant kernels
     (`msd.targets.batch_invariant`), so that verifying up to 16 tokens costs about one plain step and rounds each token
-    as plain decoding does; `invariant_kernels=False` keeps PyTorch's. Otherwise, on a CPU, linear layers switch to
+    as plain decoding does. With `invariant_kernels=False` such a target is treated as below (pass `cpu_linear_rows=0`
+    too for PyTorch's own layers). Otherwise, on a CPU, linear layers switch to
     `SmallBatchLinear` for inputs of at most `cpu_linear_rows` rows, which makes few-token forwards faster on some CPUs
     and slower on others (`msd.targets.cpu_linear`). "auto" times both on this machine and picks the limit, and 0
     keeps PyTorch's layers.
@@ -86,6 +87,8 @@ def load_target(
         return adapter
     if invariant_kernels and model.dtype == torch.bfloat16 and batch_invariant.supported(model.device):
         batch_invariant.use_batch_invariant_kernels(adapter)
+        if cpu_linear_rows not in (AUTO, 0):
+            logger.info("cpu_linear_rows=%s is not used: this bfloat16 target has batch-invariant kernels", cpu_linear_rows)
         return adapter
     if cpu_linear_rows == AUTO:
         cpu_linear_rows = choose_max_rows(model)
