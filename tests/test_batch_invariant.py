@@ -165,11 +165,12 @@ def test_tree_tuning_keeps_exact_sizes(bf16_llava):
     # --tune-tree times only tree sizes the kernels verify exactly, and raises when none is left.
     draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
     inputs = bf16_llava.make_inputs("Hi", [random_image(40, 40, 2)])
-    choice = tune_tree(bf16_llava.target, draft, inputs, TreeParams(2, 2, 4), sizes=[4, ROWS, 32], depths=[2], pilot_tokens=4)
+    base = TreeParams(2, 2, 4)
+    choice = tune_tree(bf16_llava.target, draft, inputs, base, sizes=[4, ROWS, 32], depths=[2], pilot_tokens=4)
     assert choice.params.total_tokens <= ROWS
     assert set(choice.forward_times) == {4, ROWS}
     with pytest.raises(MSDError, match="--tune-sizes"):
-        tune_tree(bf16_llava.target, draft, inputs, TreeParams(2, 2, 4), sizes=[32, 48], depths=[2], pilot_tokens=4)
+        tune_tree(bf16_llava.target, draft, inputs, base, sizes=[32, 48], depths=[2], pilot_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,8 @@ def saved_target(tmp_path_factory):
 
 
 def test_load_target_bfloat16_only(saved_target):
-    # bfloat16 on such a CPU gets the kernels; float32, and invariant_kernels=False with cpu_linear_rows=0, keep PyTorch's.
+    # bfloat16 on such a CPU gets the kernels. float32, and invariant_kernels=False with cpu_linear_rows=0, keep
+    # PyTorch's layers.
     target = load_target(saved_target, dtype="bfloat16")
     assert isinstance(target.lm_head, InvariantLinear)
     assert target.max_tree_tokens == ROWS

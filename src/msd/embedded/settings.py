@@ -3,8 +3,9 @@
 On a CPU with native bfloat16 support (AMX), the target runs in bfloat16 with msd's batch-invariant kernels, where a
 forward over 16 tokens costs about 1.3 plain steps, so a tree of 16 tokens pays. On the four validation questions of
 `benchmarks/default_draft/tree_validation.jsonl` (2-core Emerald Rapids Xeon), depth 4 with 4 children per node gave
-1.62x on average. Depth 5 with the same 16 tokens gave 1.58x, an 8-token tree 1.47x and a chain of 3 tokens 1.42x. Elsewhere the target runs in float32, where 4 or more tokens cost about 1.5 plain steps, so a chain of two
-drafted tokens is kept.
+1.62x on average. Depth 5 with the same 16 tokens gave 1.58x, an 8-token tree 1.47x and a chain of 3 tokens 1.42x.
+Elsewhere the target runs in float32, where 4 or more tokens cost about 1.5 plain steps, so a chain of two drafted
+tokens is kept.
 """
 
 from __future__ import annotations

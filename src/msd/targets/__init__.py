@@ -88,7 +88,7 @@ def load_target(
     if invariant_kernels and model.dtype == torch.bfloat16 and batch_invariant.supported(model.device):
         batch_invariant.use_batch_invariant_kernels(adapter)
         if cpu_linear_rows not in (AUTO, 0):
-            logger.info("cpu_linear_rows=%s is not used: this bfloat16 target has batch-invariant kernels", cpu_linear_rows)
+            logger.info("cpu_linear_rows=%s not used: this bfloat16 target has batch-invariant kernels", cpu_linear_rows)
         return adapter
     if cpu_linear_rows == AUTO:
         cpu_linear_rows = choose_max_rows(model)
