@@ -18,6 +18,9 @@ from msd.cli.options import (
 )
 from msd.errors import MSDError
 
+#: new tokens of the untimed run before a --compare measurement
+WARMUP_TOKENS = 8
+
 DESCRIPTION = """\
 Generate a response to one prompt and its images with speculative decoding. The response streams to standard
 output, and statistics go to standard error. Without --draft the target decodes alone (plain decoding).
@@ -143,10 +146,6 @@ def run(arguments: argparse.Namespace) -> int:
             return 1
     _write_report(arguments.stats_json, report)
     return 0
-
-
-#: new tokens of the untimed run before a --compare measurement
-WARMUP_TOKENS = 8
 
 
 def _print_stats(label: str, stats) -> None:
