@@ -1,5 +1,6 @@
 """`msd generate` from the shell on a tiny saved LLaVA model and real image files."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from msd.cli import main
+from msd.cli.options import tree_argument
+from msd.decoding import TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.targets import adapter_for
 from tiny_models import build_llava, random_image
@@ -116,3 +119,10 @@ def test_draft_for_other_target_is_clear_error(saved, tmp_path, capsys):
     assert code == 2
     assert "does not fit" in err
     assert "Traceback" not in err
+
+
+def test_tree_argument_parses_and_rejects():
+    # The benchmark scripts' --tree/--trees values: a malformed one is an argparse error naming the expected form.
+    assert tree_argument("3,1,4") == TreeParams(depth=3, top_k=1, total_tokens=4)
+    with pytest.raises(argparse.ArgumentTypeError, match="depth,top_k,total_tokens"):
+        tree_argument("2,1")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from msd.cli.options import tree_argument
 from msd.data.rows import JsonlRows
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--image", action="append", default=[], help="an image to describe (repeatable)")
     parser.add_argument("--held-out", type=Path, help="JSONL rows whose first human messages are text prompts")
     parser.add_argument("--text-prompts", type=int, default=3, help="held-out text prompts to use (default 3)")
-    parser.add_argument("--trees", nargs="+", type=TreeParams.parse, default=[TreeParams(4, 3, 10)],
+    parser.add_argument("--trees", nargs="+", type=tree_argument, default=[TreeParams(4, 3, 10)],
                         help="tree settings as depth,top_k,total_tokens (default 4,3,10)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

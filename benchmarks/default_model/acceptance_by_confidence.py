@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from msd.cli.options import tree_argument
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
 from msd.errors import MSDError
@@ -105,14 +106,6 @@ def markdown(cycles: list[dict], context: str) -> str:
         lines.append(f"| {row['bucket']} | {row['share']:.0%} | {row['first_accepted']:.0%} | "
                      f"{row['outside_vocab']:.0%} | {row['mean_accepted']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def tree_argument(text: str) -> TreeParams:
-    """Parse --tree, reporting a malformed value as an argparse error."""
-    try:
-        return TreeParams.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def positive_int(text: str) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from msd.cli.options import tree_argument
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
 from msd.images import load_image
@@ -129,9 +130,9 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="forward sizes n, comma-separated")
     parser.add_argument("--context", type=int, default=48, help="tokens appended after the prompt before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed forwards per size (default 7)")
-    parser.add_argument("--trees", nargs="+", type=TreeParams.parse, default=list(FLOAT32_TREES),
+    parser.add_argument("--trees", nargs="+", type=tree_argument, default=list(FLOAT32_TREES),
                         help="float32 tree settings as depth,top_k,total_tokens")
-    parser.add_argument("--bf16-trees", nargs="+", type=TreeParams.parse, default=list(BF16_TREES),
+    parser.add_argument("--bf16-trees", nargs="+", type=tree_argument, default=list(BF16_TREES),
                         help=f"bfloat16 tree settings, at most {batch_invariant.ROWS} tokens; measured only on CPUs "
                              "with native bfloat16 support")
     parser.add_argument("--max-new-tokens", type=int, default=96)

@@ -119,6 +119,16 @@ def tree_from(arguments: argparse.Namespace):
         raise MSDError(str(error)) from None
 
 
+def tree_argument(text: str):
+    """Parse a "depth,top_k,total_tokens" command-line value, reporting a malformed one as an argparse error."""
+    from msd.decoding import TreeParams
+
+    try:
+        return TreeParams.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def fit_default_tree(tree, target, arguments: argparse.Namespace):
     """Lower the default tree size to the largest tree `target` verifies exactly, unless --total-tokens was given."""
     limit = target.max_tree_tokens
