@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -165,7 +166,8 @@ def invariant_attention(module, query, key, value, attention_mask, key_layout: K
     layout is read from the mask. Returns (1, q, heads, D) as transformers' attention functions do. Prompts
     (q > ROWS), batches and masks that hide part of the cached prefix go to transformers' own SDPA function.
     """
-    batch, _, count, dim = query.shape
+    batch, heads, count, dim = query.shape
+    kv_heads = key.shape[1]
     if kwargs.get("sliding_window") is not None:
         raise MSDError("msd's batch-invariant attention does not support sliding-window attention.")
     if batch != 1 or count > ROWS:
@@ -176,15 +178,16 @@ def invariant_attention(module, query, key, value, attention_mask, key_layout: K
 
     def gather(states: torch.Tensor) -> torch.Tensor:
         """(1, kv heads, kv, D) -> (q, kv heads, W, D), each row's keys in the layout's order."""
-        rows = states[0].index_select(1, layout.index)  # (kv heads, q * W, D)
-        return rows.view(states.shape[1], count, layout.width, dim).transpose(0, 1)
+        by_position = states[0].transpose(0, 1).contiguous()  # (kv, kv heads, D): one index per key position
+        rows = by_position.index_select(0, layout.index)  # (q * W, kv heads, D)
+        return rows.view(count, layout.width, kv_heads, dim).transpose(1, 2)
 
-    queries = query[0].transpose(0, 1)[:, :, None]  # (q, heads, 1, D)
-    kwargs.pop("is_causal", None)
-    output, _ = sdpa_attention_forward(
-        module, queries, gather(key), gather(value), layout.mask, is_causal=False, **kwargs
-    )  # (q, 1, heads, D)
-    return output.transpose(0, 1), None
+    # A row's query heads that share a key-value head become that head's query rows (grouped-query attention).
+    queries = query[0].transpose(0, 1).reshape(count, kv_heads, heads // kv_heads, dim)  # (q, kv heads, G, D)
+    output = F.scaled_dot_product_attention(
+        queries, gather(key), gather(value), attn_mask=layout.mask, scale=kwargs.get("scaling")
+    )  # (q, kv heads, G, D)
+    return output.reshape(1, count, heads, dim), None
 
 
 AttentionInterface.register(ATTENTION_NAME, invariant_attention)
