@@ -21,7 +21,8 @@ Two replacements make every decoding forward of at most `ROWS` tokens batch-inva
   with one query. Its keys are gathered in cache order (the cached prefix, then its tree ancestors and itself) and
   padded to a multiple of `KEY_BLOCK` keys that the mask hides. A tree node therefore attends over the key layout it
   would have as the last token of plain decoding, and the hidden keys add exact zeros. The layout is built once per
-  forward (`key_layout`) and shared by all layers.
+  forward (`key_layout`) and shared by all layers. The query heads that share a key-value head form that head's query
+  rows, so one SDPA call covers all heads of all rows.
 
 Forwards of more than `ROWS` tokens after the prompt would not be invariant, so `SpeculativeGenerator` rejects trees
 above `ROWS` nodes on a target using these kernels. The reordered weights are a second copy next to the originals,
@@ -32,8 +33,8 @@ Cost of one forward of the embedded default target over n tokens on a 2-core Xeo
 with PyTorch's kernels, bfloat16 with these):
 
     tokens per forward     1     3     8    16
-    float32               34    38    52    63
-    bfloat16, invariant   32    34    37    43
+    float32               34    38    56    68
+    bfloat16, invariant   34    35    37    41
 """
 
 from __future__ import annotations
