@@ -26,7 +26,7 @@ from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
 from msd.images import load_image
 from msd.prompts import build_inputs
-from msd.targets import load_target
+from msd.targets import batch_invariant, load_target
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,15 @@ def print_table(results: list[dict]) -> None:
         )
 
 
+def check_bf16_trees(parser: argparse.ArgumentParser, trees: list[TreeParams], flag: str) -> None:
+    """Stop with a usage error when a bfloat16 tree exceeds what the batch-invariant kernels verify exactly."""
+    too_large = [tree.total_tokens for tree in trees if tree.total_tokens > batch_invariant.ROWS]
+    if too_large and batch_invariant.supported():
+        parser.error(f"{flag}: bfloat16 trees may hold at most {batch_invariant.ROWS} tokens, got {too_large}")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="target folder")
     parser.add_argument("--draft", required=True, help="draft folder")
     parser.add_argument("--image", action="append", default=[], help="an image to describe (repeatable)")
@@ -89,6 +96,10 @@ def main() -> None:
                         help="dtype of the target and the draft (default float32)")
     parser.add_argument("--json", type=Path, help="also write the result rows to this JSON file")
     args = parser.parse_args()
+    if not args.image and not args.held_out:
+        parser.error("pass at least one --image or --held-out")
+    if args.dtype == "bfloat16":
+        check_bf16_trees(parser, args.trees, "--trees")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     target = load_target(args.target, dtype=args.dtype, device="cpu")

@@ -99,8 +99,10 @@ def markdown(costs: dict[str, dict[int, float]], cycles: list[dict], context: st
              "Cost of one target forward over n tokens, relative to one token (a plain decoding step) in the same dtype:",
              "", "| n | " + " | ".join(str(n) for n in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
     for dtype, by_size in costs.items():
-        lines.append(f"| {dtype}, ms | " + " | ".join(f"{1000 * by_size[n]:.0f}" for n in sizes) + " |")
-        lines.append(f"| {dtype}, t(n) / t(1) | " + " | ".join(f"{by_size[n] / by_size[1]:.2f}" for n in sizes) + " |")
+        cells = [f"{1000 * by_size[n]:.0f}" if n in by_size else "n/a" for n in sizes]
+        ratios = [f"{by_size[n] / by_size[1]:.2f}" if n in by_size else "n/a" for n in sizes]
+        lines.append(f"| {dtype}, ms | " + " | ".join(cells) + " |")
+        lines.append(f"| {dtype}, t(n) / t(1) | " + " | ".join(ratios) + " |")
     lines += ["", "Per dtype and tree setting (depth d, top-k, N tree nodes with the root): time per cycle, measured tau "
               "and speedup, and the two ceilings from the module docstring of `benchmarks/default_model/verify_cost.py`:",
               "", "| dtype | d, top-k, N | draft ms | verify ms | plain step ms | tau | measured speedup | "
@@ -122,7 +124,7 @@ def markdown(costs: dict[str, dict[int, float]], cycles: list[dict], context: st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="target folder")
     parser.add_argument("--draft", required=True, help="draft folder")
     parser.add_argument("--image", required=True, help="image of the prompt")
@@ -138,6 +140,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--output", type=Path, required=True, help="Markdown file to write (JSON next to it)")
     args = parser.parse_args()
+    too_large = [tree.total_tokens for tree in args.bf16_trees if tree.total_tokens > batch_invariant.ROWS]
+    if too_large:
+        parser.error(f"--bf16-trees may hold at most {batch_invariant.ROWS} tokens, got {too_large}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     runs = {"float32": args.trees}
@@ -160,10 +165,10 @@ def main() -> None:
                f"{args.max_new_tokens} new tokens per decoding run. float32 uses PyTorch's kernels, bfloat16 msd's "
                "batch-invariant ones (`msd.targets.batch_invariant`).")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown(costs, cycles, context))
-    args.output.with_suffix(".json").write_text(
+    args.output.with_suffix(".json").write_text(  # the measurements first, so they survive any formatting error
         json.dumps({"forward_seconds": costs, "cycles": cycles, "context": context}, indent=2) + "\n"
     )
+    args.output.write_text(markdown(costs, cycles, context))
     print(args.output.read_text())
 
 

@@ -81,7 +81,8 @@ def register(subparsers) -> None:
         "sizes and the draft's proposals (needs --draft); the choice is logged and written to the report",
     )
     parser.add_argument("--tune-sizes", default="16,32,48,64", help="tree sizes tried by --tune-tree, "
-                        "comma-separated (default 16,32,48,64; on CPUs try 4,6,8)")
+                        "comma-separated (default 16,32,48,64; on CPUs in float32 try 4,6,8; on a bfloat16 target with "
+                        "batch-invariant kernels sizes above 16 are skipped)")
     parser.add_argument("--tune-depths", default="3,5,7", help="depths tried by --tune-tree, comma-separated "
                         "(default 3,5,7)")
     parser.add_argument("--tune-pilot-tokens", type=int, default=64, help="tokens each --tune-tree pilot generates "

@@ -146,7 +146,7 @@ def write_report(folder: Path, records: Sequence[SampleRecord], summary: dict, c
 
 def markdown_report(summary: dict, context: dict) -> str:
     lines = ["# msd bench", ""]
-    lines += [f"- {key}: {value}" for key, value in context.items() if not isinstance(value, dict)]
+    lines += [f"- {key}: {value}" for key, value in context.items() if value is not None and not isinstance(value, dict)]
     for method, reason in (context.get("skipped_methods") or {}).items():
         lines.append(f"- skipped {method}: {reason}")
     tuning = context.get("tree_tuning")

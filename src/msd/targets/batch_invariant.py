@@ -6,9 +6,9 @@ forward gets the same bits as it would get in a one-token forward at the same pl
 
 Lossless speculative decoding needs that property. PyTorch's CPU kernels pick their blocking and their instruction
 path from the number of rows, so a token verified inside a tree is rounded differently from the same token decoded
-alone. In float32 the difference stays around 1e-7 and almost never flips a greedy choice. In bfloat16 it does: with
+alone. In float32 the difference stays around 1e-7 and almost never flips a greedy choice. In bfloat16 it does. With
 PyTorch's kernels, msd's output on the embedded default target differed from plain decoding on 4 of the 10 benchmark
-prompts with a 3-token chain and on 6 of 10 with an 8-token tree. Yet bfloat16 is where a CPU with AMX makes
+prompts with a 3-token chain, and on 3 of 10 with an 8-token tree of depth 4. Yet bfloat16 is where a CPU with AMX makes
 verification cheap, because a weight read once serves 16 rows at about the cost of one.
 
 Two replacements make every decoding forward of at most `ROWS` tokens batch-invariant:
@@ -33,8 +33,8 @@ Cost of one forward of the embedded default target over n tokens on a 2-core Xeo
 with PyTorch's kernels, bfloat16 with these):
 
     tokens per forward     1     3     8    16
-    float32               34    38    56    68
-    bfloat16, invariant   34    35    37    41
+    float32               35    40    56    64
+    bfloat16, invariant   33    34    36    40
 """
 
 from __future__ import annotations
