@@ -154,8 +154,8 @@ def test_bench_skips_prompt_lookup(bf16_llava):
     # transformers' prompt lookup checks its first candidates in the prompt's forward, so it cannot be exact here.
     methods = build_methods(bf16_llava.target, ["plain", "generate", "prompt-lookup"], TreeParams(2, 1, 3), {})
     inputs = bf16_llava.make_inputs("Hi", [random_image(40, 40, 2)])
-    kept, skipped = drop_unsupported(methods, inputs)
-    assert [method.name for method in kept] == ["plain", "generate"]
+    remaining, skipped = drop_unsupported(methods, inputs)
+    assert [method.name for method in remaining] == ["plain", "generate"]
     assert skipped == {"prompt-lookup": FUSED_PROMPT_REASON}
     report = markdown_report({}, {"dtype": "torch.bfloat16", "skipped_methods": skipped})
     assert f"- skipped prompt-lookup: {FUSED_PROMPT_REASON}" in report

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from msd.decoding import SamplingParams, SpeculativeGenerator, TokenChooser, TreeParams
-from msd.targets import adapter_for
+from msd.targets import adapter_for, batch_invariant
 from msd.targets.cpu_linear import use_small_batch_linears
 from oracle import OracleDrafter
 from tiny_models import build_llava, llava_inputs
@@ -18,20 +18,26 @@ from tiny_models import build_llava, llava_inputs
 SAMPLES = 700
 
 
-@pytest.fixture(scope="module", params=["stock_linears", "small_batch_linears"])
+@pytest.fixture(scope="module", params=["stock_linears", "small_batch_linears", "batch_invariant_bfloat16"])
 def peaked(request):
     """A one-layer tiny LLaVA whose LM head is scaled up, so its next-token distributions have a small support.
 
-    It runs once with PyTorch's linear layers and once with the `SmallBatchLinear` layers that `load_target` uses on
-    CPUs, whose few-token forwards (tree verification) take another kernel.
+    It runs with PyTorch's linear layers, with the `SmallBatchLinear` layers that `load_target` uses on CPUs (whose
+    few-token forwards take another kernel), and in bfloat16 with the batch-invariant kernels where the CPU has them.
     """
-    model, processor = build_llava(seed=11, layers=1)
+    bfloat16 = request.param == "batch_invariant_bfloat16"
+    if bfloat16 and not batch_invariant.supported():
+        pytest.skip("this CPU has no native bfloat16 support")
+    model, processor = build_llava(seed=11, layers=1, dtype=torch.bfloat16 if bfloat16 else torch.float64)
     with torch.no_grad():
         model.lm_head.weight.mul_(25.0)
     if request.param == "small_batch_linears":
         use_small_batch_linears(model)
+    target = adapter_for(model)
+    if bfloat16:
+        batch_invariant.use_batch_invariant_kernels(target)
     inputs = llava_inputs(processor, "Hi", [])
-    return model, adapter_for(model), inputs
+    return model, target, inputs
 
 
 def exact_joint(target, inputs, chooser) -> dict[tuple[int, int], float]:

@@ -2,11 +2,12 @@
 
 On a CPU with native bfloat16 support (AMX), the target runs in bfloat16 with msd's batch-invariant kernels, where a
 forward over 16 tokens costs about 1.2 plain steps, so a tree of 16 tokens pays. On the four validation questions of
-`benchmarks/default_draft/tree_validation.jsonl` (2-core Emerald Rapids Xeon), 16-token trees of depth 3 with 8
-children per node and of depth 2 with 8 gave 1.70x on average, depth 3 with 6 children 1.68x, depth 4 with 4 children
-1.61-1.63x and depth 5 1.58x. Smaller trees gave less: 1.49x for 12 tokens, 1.47x for 8 and 1.41x for a chain of 3.
-Depth 3 is kept: its tau was the highest (2.41, against 2.29 at depth 2 and 2.37 at depth 4), and each further draft
-step costs about 1.3 ms.
+`benchmarks/default_draft/tree_validation.jsonl` (2-core Emerald Rapids Xeon), two 16-token trees gave 1.70x on
+average: depth 3 and depth 2, each with 8 children per node. Other 16-token trees gave 1.68x (depth 3, 6 children),
+1.61-1.63x (depth 4, 4 children) and 1.58x (depth 5). Smaller trees gave less: 1.49x for 12 tokens, 1.47x for 8
+and 1.41x for a chain of 3. Depth 3 is kept because its tau was the highest (2.41, against 2.29 at depth 2 and 2.37
+at depth 4), and each further draft step costs about 1.3 ms.
+
 Elsewhere the target runs in float32, where 4 or more tokens cost about 1.5 plain steps, so a chain of two drafted
 tokens is kept.
 """

@@ -109,15 +109,15 @@ def tune_tree(
     sizes = sorted(set(sizes))
     depths = sorted(set(depths))
     limit = target.max_tree_tokens
-    if limit is not None:
-        if all(size > limit for size in sizes):
+    if limit is not None and max(sizes) > limit:
+        exact = [size for size in sizes if size <= limit]
+        if not exact:
             raise MSDError(
                 f"every tree size in {sizes} is above {limit}, the largest tree this target's batch-invariant "
                 f"bfloat16 CPU kernels verify exactly. Pass --tune-sizes with sizes of {limit} or less."
             )
-        if any(size > limit for size in sizes):
-            logger.warning("tree sizes above %d skipped: this target verifies at most %d tokens exactly", limit, limit)
-        sizes = [size for size in sizes if size <= limit]
+        logger.warning("tree sizes above %d skipped: this target verifies at most %d tokens exactly", limit, limit)
+        sizes = exact
     forward_times = time_target_forward(target, inputs, sizes)
     proposal_times = time_draft_proposal(target, draft, inputs, replace(base, total_tokens=max(sizes)), depths)
     logger.info("target forward times by tree size: %s", forward_times)

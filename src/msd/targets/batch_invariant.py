@@ -28,9 +28,9 @@ Forwards of more than `ROWS` tokens after the prompt would not be invariant, so 
 above `ROWS` nodes on a target using these kernels. The reordered weights are a second copy next to the originals,
 which stay for the state dict, tied embeddings and the draft's borrowed LM head.
 
-Cost of one forward of the embedded default target over n tokens on a 2-core Xeon with AMX (Emerald Rapids), a
-103-token prompt plus 48 generated tokens, median milliseconds (`benchmarks/default_model/verify_cost.py`; float32
-with PyTorch's kernels, bfloat16 with these):
+Cost of one forward of the embedded default target over n tokens, in median milliseconds, measured by
+`benchmarks/default_model/verify_cost.py` on a 2-core Xeon with AMX (Emerald Rapids). The cache held a 103-token prompt
+plus 48 generated tokens. float32 runs PyTorch's kernels, bfloat16 these:
 
     tokens per forward     1     3     8    16
     float32               35    40    56    64
