@@ -142,6 +142,23 @@ def test_speculative_matches_generate(bf16_family, tree, drafter_kind):
         assert output.stats.tau > 1.5  # the check covered multi-token verification forwards
 
 
+def test_packed_draft_copy(bf16_llava):
+    # The drafter's packed copy predicts what the draft does, shares the target's tensors, and leaves the draft as is.
+    target = bf16_llava.target
+    torch.manual_seed(4)
+    draft = DraftModel(DraftConfig.for_target(target, draft_vocab_size=64)).attach(target)
+    packed = draft.packed_copy()
+    assert type(draft.fc) is nn.Linear
+    assert type(packed.fc) is InvariantLinear
+    assert packed._shared["embed"] is draft._shared["embed"]
+    tokens = torch.randint(0, target.vocab_size, (1, 5))
+    features = torch.randn(1, 5, target.hidden_size, dtype=torch.bfloat16)
+    positions = torch.arange(5).view(1, 1, 5)
+    expected = draft.compute_logits(draft(tokens, features, positions))
+    logits = packed.compute_logits(packed(tokens, features, positions))
+    torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
+
+
 def test_large_tree_rejected(bf16_llava):
     # Forwards over more than ROWS tokens are not invariant, so such trees fail before decoding.
     draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
@@ -196,6 +213,18 @@ def test_load_target_bfloat16_only(saved_target):
     float32 = load_target(saved_target, dtype="float32", cpu_linear_rows=0)
     assert type(float32.lm_head) is nn.Linear
     assert float32.max_tree_tokens is None
+
+
+def test_lmms_default_tree_fits(saved_target, tmp_path):
+    # The lmms-eval model lowers its default tree to what the kernels verify, and a larger explicit tree still raises.
+    lmms_plugin = pytest.importorskip("msd.evaluate.lmms_plugin")
+    target = load_target(saved_target, dtype="bfloat16")
+    DraftModel(DraftConfig.for_target(target)).save_pretrained(tmp_path / "draft")
+    model = lmms_plugin.LlavaMSD(pretrained=str(saved_target), draft=str(tmp_path / "draft"), dtype="bfloat16")
+    assert model.generator.tree.total_tokens == ROWS
+    with pytest.raises(MSDError, match="too large"):
+        lmms_plugin.LlavaMSD(pretrained=str(saved_target), draft=str(tmp_path / "draft"), dtype="bfloat16",
+                             total_tokens=ROWS + 1)
 
 
 def test_cli_default_tree_fits(saved_target, tmp_path, capsys):

@@ -179,6 +179,30 @@ def test_drafter_tree_matches_sequential(family, images, tree, num_layers):
         assert set(children[node]) <= top, (node, path_tokens)
 
 
+def test_drafter_depth_capped_by_tree_size(llava_family, images, monkeypatch):
+    # A 3-token tree has room for a path of two drafted tokens, so a depth of 5 runs one expansion step, not four.
+    drafter = MSDDrafter(make_draft(llava_family.target, seed=5), llava_family.target)
+    prefill, state = llava_family.target.prefill(llava_family.make_inputs("Describe it", images[:1]))
+    root = int(prefill.logits.argmax())
+    drafter.start(prefill, state, root)
+    steps = []
+    expand = drafter._feed_frontier
+    monkeypatch.setattr(drafter, "_feed_frontier", lambda *args: steps.append(args[-1]) or expand(*args))
+    proposed = drafter.propose(root, TreeParams(depth=5, top_k=1, total_tokens=3), max_depth=10)
+    assert len(proposed) == 3
+    assert steps == [1]
+
+
+def test_config_omits_target_path(llava_family):
+    # A saved draft must not carry the local folder its target was loaded from.
+    llava_family.target.text_config._name_or_path = "/home/someone/models/target"
+    try:
+        config = DraftConfig.for_target(llava_family.target)
+    finally:
+        llava_family.target.text_config._name_or_path = ""
+    assert "_name_or_path" not in config.text_config
+
+
 def test_saved_draft_permissions(llava_family, tmp_path):
     # The weights are written under a temporary name and renamed. The file must not end up private to its owner.
     umask = os.umask(0o022)

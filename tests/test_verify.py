@@ -5,7 +5,7 @@ import torch
 from scipy.stats import chisquare
 
 from msd.decoding.tree import DraftTree
-from msd.decoding.verify import SamplingParams, TokenChooser, walk_tree
+from msd.decoding.verify import SamplingParams, TokenChooser, greedy_choice, walk_tree
 
 VOCAB = 6
 
@@ -32,6 +32,14 @@ def test_greedy_walk_rejects_at_root():
     path, bonus = walk_tree(branching_tree(), logits, TokenChooser(SamplingParams()))
     assert path == [0]
     assert bonus == 5
+
+
+def test_greedy_choice_takes_first_maximum():
+    # Rows of a vocabulary-sized width full of ties: the choice must be argmax's, the first maximal index.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (16, 49152), generator=generator).float()
+    logits[3] = 7.0  # a row that is one long tie
+    assert torch.equal(greedy_choice(logits), logits.argmax(dim=-1))
 
 
 def exact_first_two(logits: torch.Tensor, chooser: TokenChooser, tree: DraftTree) -> torch.Tensor:

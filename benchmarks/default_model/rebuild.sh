@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 
 WORK=${WORK:-runs/default-model}
 PROJECTOR_STEPS=${PROJECTOR_STEPS:-300}
-TEXT_ROWS=${TEXT_ROWS:-624}  # the committed draft used the first 624 chit-chat prompts
+TEXT_ROWS=${TEXT_ROWS:-1500}  # the committed draft used the first 1,500 chit-chat prompts
 # One torch thread per process: on a 2-core machine, two single-threaded processes finish more work than one process
 # with two threads (self-distillation ran about 4x slower per row with two threads next to another job).
 THREADS=${THREADS:-1}
@@ -27,6 +27,9 @@ base=$(msd embedded build --untrained-projector --output "$WORK/untrained-target
 msd embedded train-projector --target "$base" --work-dir "$WORK/projector" --output "$PROJECTOR" \
     --steps "$PROJECTOR_STEPS" --warmup-steps 20 --batch-size 16
 target=$(msd embedded build)  # the default target, now with the trained projector
+# The answers and features come from the target in the dtype `msd embedded options` serves it in on this CPU
+# (bfloat16 with AMX, float32 elsewhere), so the draft learns the answers it will be asked to predict.
+DTYPE=${DTYPE:-$(msd embedded options | sed -n 's/.*--dtype \([a-z0-9]*\).*/\1/p')}
 
 log "2/5 prompts"
 python benchmarks/default_draft/make_text_rows.py --output "$WORK/text-rows.jsonl" --rows "$TEXT_ROWS"
@@ -44,7 +47,7 @@ distill() {  # distill ROWS KIND OUTPUT MAX_TOKENS [prepare-data options]: self-
     local rows=$1 kind=$2 output=$3 max_tokens=$4
     shift 4
     OMP_NUM_THREADS=$THREADS msd prepare-data --target "$target" --data "$WORK/$rows" --kind "$kind" \
-        --image-root "$WORK/images" --regenerate --regenerate-max-tokens "$max_tokens" --dtype float32 \
+        --image-root "$WORK/images" --regenerate --regenerate-max-tokens "$max_tokens" --dtype "$DTYPE" \
         --shard-size 16 --output "$WORK/$output" "$@"
 }
 lane() {  # lane PART: the shared row files' part PART, after this lane's own file

@@ -151,11 +151,14 @@ def run(arguments: argparse.Namespace) -> int:
 def _print_stats(label: str, stats) -> None:
     accepted = stats.accepted_lengths
     mean_accepted = sum(accepted) / len(accepted) if accepted else 0.0
+    if label == "plain":  # every target forward decodes one token, and nothing is drafted
+        phases = f"decoding {stats.verify_time:.2f} s"
+    else:
+        phases = f"drafting {stats.draft_time:.2f} s, verification {stats.verify_time:.2f} s"
     print(
         f"[{label}] {stats.new_tokens} tokens in {stats.total_time:.2f} s ({stats.tokens_per_second:.1f} tokens/s); "
         f"tau {stats.tau:.2f} tokens per target forward, mean accepted length {mean_accepted:.2f}; "
-        f"prefill {stats.prefill_time:.2f} s, drafting {stats.draft_time:.2f} s, verification {stats.verify_time:.2f} s; "
-        f"stopped by {stats.stop_reason}",
+        f"prefill {stats.prefill_time:.2f} s, {phases}; stopped by {stats.stop_reason}",
         file=sys.stderr,
     )
 

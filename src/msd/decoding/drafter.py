@@ -8,7 +8,8 @@ A drafter follows one sequence through three calls from the generation loop:
   target's features at the root and the accepted nodes.
 
 `RootOnlyDrafter` proposes no candidates, which turns the speculative loop into plain decoding through the same
-target calls. `MSDDrafter` runs the MSD draft model and grows an EAGLE-2 dynamic tree.
+target calls. `MSDDrafter` runs the MSD draft model and grows an EAGLE-2 dynamic tree over the sequence's
+`DraftVocabulary` (a reduced draft vocabulary plus the prompt's other tokens).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from transformers import DynamicCache
 
 from msd.decoding.tree import DraftTree, TreeParams, select_nodes
+from msd.decoding.vocabulary import DraftVocabulary
 from msd.draft.model import DraftModel, causal_mask
+from msd.targets import batch_invariant
 from msd.targets.base import PrefillOutput, TargetAdapter, TargetState, truncate_cache
 
 
@@ -47,9 +50,15 @@ class RootOnlyDrafter(Drafter):
 class MSDDrafter(Drafter):
     """Grows an EAGLE-2 dynamic tree with the MSD draft model, keeping the draft's own KV cache."""
 
-    def __init__(self, draft: DraftModel, target: TargetAdapter):
-        self.draft = draft.attach(target).eval()
+    def __init__(self, draft: DraftModel, target: TargetAdapter, prompt_vocabulary: bool = True):
+        """prompt_vocabulary: let a draft with a reduced vocabulary also propose the prompt's other tokens."""
+        draft = draft.attach(target).eval()
+        if target.dtype == torch.bfloat16 and batch_invariant.supported(target.device):
+            draft = draft.packed_copy()
+        self.draft = draft
         self.target = target
+        self.prompt_vocabulary = prompt_vocabulary
+        self.vocabulary = DraftVocabulary(draft)
         self.cache: DynamicCache | None = None
         self.cache_length = 0  # draft slots whose keys and values are kept across cycles
         self.next_position = 0  # target position id of the token after the root
@@ -67,6 +76,14 @@ class MSDDrafter(Drafter):
         next_positions = torch.cat(
             [prefill.positions[:, 1:], self.target.generated_positions(state, 1)[: prefill.positions.shape[0]]], dim=1
         )
+        if self.prompt_vocabulary:
+            tokenizer = getattr(self.target.processor, "tokenizer", self.target.processor)
+            self.vocabulary = DraftVocabulary.for_prompt(
+                self.draft,
+                self.target.lm_head.weight,
+                prefill.input_ids[~prefill.visual_mask],
+                skip_ids=getattr(tokenizer, "all_special_ids", None) or (),
+            )
         self.cache = DynamicCache()
         self.cache_length = 0
         self.next_position = state.next_position + 1
@@ -100,11 +117,11 @@ class MSDDrafter(Drafter):
         )[0]
         self.cache_length += count
         self.root_feature = hidden[-1]
-        self.root_logprobs = torch.log_softmax(self.draft.compute_logits(hidden[-1]).float(), dim=-1)
+        self.root_logprobs = torch.log_softmax(self.vocabulary.logits(hidden[-1]).float(), dim=-1)
 
     @torch.no_grad()
     def propose(self, root_token: int, params: TreeParams, max_depth: int) -> DraftTree:
-        depth = min(params.depth, max_depth)
+        depth = min(params.depth, max_depth, params.total_tokens - 1)  # no path is longer than the tree's size
         if depth < 1 or params.total_tokens < 2:
             return DraftTree.chain([root_token])
         device = self.target.device
@@ -124,7 +141,7 @@ class MSDDrafter(Drafter):
         for step in range(1, depth):
             frontier_tokens = torch.cat(cand_tokens)[frontier]
             hidden = self._feed_frontier(frontier, frontier_tokens, frontier_features, parent_of, fed_slot, step)
-            logprobs = torch.log_softmax(self.draft.compute_logits(hidden).float(), dim=-1)  # (k, V_draft)
+            logprobs = torch.log_softmax(self.vocabulary.logits(hidden).float(), dim=-1)  # (k, V_draft)
             child_scores, child_tokens = logprobs.topk(top_k, dim=-1)  # (k, k)
             child_scores = child_scores + torch.cat(cand_scores)[frontier][:, None]  # cumulative log-probability
 
@@ -147,7 +164,7 @@ class MSDDrafter(Drafter):
         new_index[chosen] = torch.arange(1, chosen.shape[0] + 1, device=device)
         chosen_parents = parents[chosen]
         tree_parents = torch.where(chosen_parents < 0, 0, new_index[chosen_parents.clamp(min=0)])
-        target_tokens = self.draft.to_target_ids(torch.cat(cand_tokens)[chosen])
+        target_tokens = self.vocabulary.to_target_ids(torch.cat(cand_tokens)[chosen])
         return DraftTree(
             tokens=torch.cat([torch.tensor([root_token], device=device), target_tokens]).cpu(),
             parents=torch.cat([torch.tensor([-1], device=device), tree_parents]).cpu(),
@@ -172,5 +189,5 @@ class MSDDrafter(Drafter):
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
         # Frontier nodes are at depth `step`, and `next_position` is the position of depth 1.
         positions = self._positions(torch.full((k,), step - 1, device=device))
-        token_ids = self.draft.to_target_ids(tokens)
+        token_ids = self.vocabulary.to_target_ids(tokens)
         return self.draft(token_ids[None], features[None], positions[:, None], mask[None, None], self.cache)[0]

@@ -44,7 +44,9 @@ class DraftConfig:
     @classmethod
     def for_target(cls, target, **options) -> DraftConfig:
         """Build a config whose decoder layer matches the target's language model (`target` is a TargetAdapter)."""
-        return cls(target_model_type=target.config.model_type, text_config=target.text_config.to_dict(), **options)
+        text_config = target.text_config.to_dict()
+        text_config.pop("_name_or_path", None)  # the folder the target was loaded from: not part of the draft
+        return cls(target_model_type=target.config.model_type, text_config=text_config, **options)
 
     @property
     def hidden_size(self) -> int:

@@ -18,6 +18,7 @@ reduced draft vocabulary the head is the target's rows for those tokens.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, 
 from msd.draft.config import DraftConfig
 from msd.errors import MSDError
 from msd.files import atomic_save_tensors
+from msd.targets.batch_invariant import InvariantLinear, pack_linear_layers
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +93,24 @@ class DraftModel(nn.Module):
         self._shared = {"embed": target.embed_tokens.weight.detach(), "head": head}
         return self
 
+    def packed_copy(self) -> DraftModel:
+        """Return a copy for bfloat16 decoding on CPU whose linear layers and LM head run on weights prepacked for
+        oneDNN (`msd.targets.batch_invariant.InvariantLinear`). On the embedded default draft that saves about 0.7
+        ms of drafting per cycle (2-core Xeon with AMX). The copy shares the borrowed target tensors and cannot be trained; this draft stays as it is."""
+        head = self._require("head")
+        packed = copy.deepcopy(self, memo={id(tensor): tensor for tensor in self._shared.values()})
+        pack_linear_layers(packed)
+        packed._shared["head_layer"] = InvariantLinear.from_weight(head)
+        return packed.requires_grad_(False)
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self._require("embed")).to(self.fc.weight.dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits over the draft vocabulary (the target's, unless reduced): (..., H) -> (..., V_draft)."""
         head = self._require("head")
+        if "head_layer" in self._shared:  # a packed copy
+            return self._shared["head_layer"](hidden.to(head.dtype))
         return F.linear(hidden.to(head.dtype), head)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:

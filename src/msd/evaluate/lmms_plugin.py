@@ -7,8 +7,9 @@ msd registers them through lmms-eval's entry-point group `lmms_eval.models` (see
         --tasks chartqa --batch_size 1
 
 Model args: pretrained (target), draft (MSD draft folder; omit for plain decoding through the same code, which
-measures the baseline), device, dtype, total_tokens, depth, tree_top_k, and measure_speedup (default true: with a
-draft, each request is also decoded plainly, interleaved, to time the speedup and check identical greedy output).
+measures the baseline), device, dtype, total_tokens (default 48, or the largest tree a bfloat16 CPU target's
+batch-invariant kernels verify exactly), depth, tree_top_k, and measure_speedup (default true: with a draft, each
+request is also decoded plainly, interleaved, to time the speedup and check identical greedy output).
 Each task's gen_kwargs are honoured: max_new_tokens, until (stop strings, cut from the answer as lmms-eval expects),
 temperature (0 = greedy), top_p and top_k. At the end the model logs tau and, when measured, the speedup.
 """
@@ -53,7 +54,7 @@ class MSDModel(lmms):
         draft: str | None = None,
         device: str = "cpu",
         dtype: str = "auto",
-        total_tokens: int = 48,
+        total_tokens: int | str | None = None,
         depth: int = 5,
         tree_top_k: int = 8,
         measure_speedup: bool | str = True,
@@ -72,6 +73,10 @@ class MSDModel(lmms):
                 f"{pretrained} is a {self.target.config.model_type!r} model, but this lmms-eval model serves "
                 f"{', '.join(self.model_types)}. Pick the matching model name (llava_msd or qwen2_vl_msd)."
             )
+        if total_tokens is None:
+            total_tokens = TreeParams.total_tokens
+            if self.target.max_tree_tokens is not None:
+                total_tokens = min(total_tokens, self.target.max_tree_tokens)
         tree = TreeParams(depth=int(depth), top_k=int(tree_top_k), total_tokens=int(total_tokens))
         self.draft = DraftModel.from_pretrained(draft) if draft else None
         self.generator = SpeculativeGenerator(self.target, self.draft, tree)

@@ -228,15 +228,17 @@ class TargetAdapter(ABC):
         tree_size: number of nodes the last `forward_tree` appended; accepted: (k,) their indices, root first.
         """
         prefix = state.length - tree_size
+        count = accepted.shape[0]
         accepted = accepted.to(self.device)
-        if torch.equal(accepted, torch.arange(accepted.shape[0], device=self.device)):
-            truncate_cache(state.cache, prefix + accepted.shape[0])  # a leading run of nodes: a crop is enough
-        else:
-            keep = torch.cat([torch.arange(prefix, device=self.device), prefix + accepted])
+        if not torch.equal(accepted, torch.arange(count, device=self.device)):
+            # Move the accepted entries to the front of the tree's slots. Indexing copies before the assignment
+            # writes, so overlapping source and destination slots are safe.
+            moved = prefix + accepted
             for layer in state.cache.layers:
-                layer.keys = layer.keys.index_select(2, keep)
-                layer.values = layer.values.index_select(2, keep)
-        state.length = prefix + accepted.shape[0]
+                layer.keys[:, :, prefix : prefix + count] = layer.keys[:, :, moved]
+                layer.values[:, :, prefix : prefix + count] = layer.values[:, :, moved]
+        truncate_cache(state.cache, prefix + count)
+        state.length = prefix + count
 
     def generated_positions(self, state: TargetState, count: int) -> torch.Tensor:
         """Position ids (P, count) of the next `count` tokens appended to the cache."""

@@ -91,6 +91,13 @@ class InvariantLinear(nn.Module):
         self.bias = linear.bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
 
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, rows: int = ROWS) -> InvariantLinear:
+        """Wrap a bare (out, in) weight without bias, such as rows taken from an LM head."""
+        linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        return cls(linear, rows)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         flat = input.reshape(-1, self.in_features)  # (M, in)
         count = flat.shape[0]
@@ -195,6 +202,17 @@ AttentionInterface.register(ATTENTION_NAME, invariant_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+def pack_linear_layers(module: nn.Module) -> int:
+    """Replace every `nn.Linear` inside `module` by an `InvariantLinear`, in place, and return how many were replaced."""
+    changed = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, InvariantLinear(child))
+                changed += 1
+    return changed
+
+
 def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
     """Switch a bfloat16 target's language model and LM head to the batch-invariant kernels, in place.
 
@@ -207,12 +225,7 @@ def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
             "batch-invariant bfloat16 kernels need a CPU with native bfloat16 support (AVX-512 BF16 or AMX). "
             "Load the target in float32 instead (--dtype float32)."
         )
-    changed = 0
-    for parent in list(target.language_model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, InvariantLinear(child))
-                changed += 1
+    changed = pack_linear_layers(target.language_model)
     if type(model.get_output_embeddings()) is nn.Linear:
         model.set_output_embeddings(InvariantLinear(model.get_output_embeddings()))
         changed += 1
