@@ -167,6 +167,14 @@ def test_large_tree_rejected(bf16_llava):
     SpeculativeGenerator(bf16_llava.target, None, TreeParams(5, 8, 48))  # plain decoding verifies no tree
 
 
+def test_default_tree_fits(bf16_llava):
+    # Without a tree, the Python API cuts the default to the tokens the kernels verify exactly.
+    draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
+    generator = SpeculativeGenerator(bf16_llava.target, draft)
+    assert generator.tree.total_tokens == ROWS
+    assert generator.tree.depth == TreeParams().depth
+
+
 def test_bench_skips_prompt_lookup(bf16_llava):
     # transformers' prompt lookup checks its first candidates in the prompt's forward, so it cannot be exact here.
     methods = build_methods(bf16_llava.target, ["plain", "generate", "prompt-lookup"], TreeParams(2, 1, 3), {})

@@ -127,6 +127,49 @@ def test_load_errors(llava_family, tmp_path):
         DraftModel.from_pretrained(tmp_path / "research")
 
 
+def test_draft_for_other_model_type_rejected(llava_family):
+    # The same language model inside another vision-language model type is a different target.
+    config = DraftConfig.for_target(llava_family.target)
+    config.target_model_type = "qwen2_vl"
+    with pytest.raises(MSDError, match="model type 'qwen2_vl' .target: 'llava'."):
+        config.check_fits(llava_family.target)
+
+
+def edited_config(folder, **changes):
+    """Rewrite text_config entries of a saved draft's config.json."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data["text_config"].update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_config_weight_mismatch_rejected(llava_family, tmp_path):
+    # A config edited apart from its weights is named as such, not left to a state-dict traceback.
+    make_draft(llava_family.target).save_pretrained(tmp_path / "draft")
+    hidden = llava_family.target.hidden_size
+    heads = llava_family.target.text_config.num_attention_heads
+    edited_config(tmp_path / "draft", hidden_size=2 * hidden, head_dim=2 * hidden // heads)
+    with pytest.raises(MSDError, match="do not match the sizes in its config: fc.bias"):
+        DraftModel.from_pretrained(tmp_path / "draft")
+
+
+def test_invalid_layer_config_rejected(llava_family, tmp_path):
+    # A hidden size the attention heads do not divide is rejected by transformers, reported as an invalid config.
+    make_draft(llava_family.target).save_pretrained(tmp_path / "draft")
+    edited_config(tmp_path / "draft", hidden_size=llava_family.target.text_config.num_attention_heads * 8 + 1,
+                  head_dim=None)
+    with pytest.raises(MSDError, match="invalid draft config"):
+        DraftModel.from_pretrained(tmp_path / "draft")
+
+
+def test_drafter_keeps_callers_draft(llava_family):
+    # A float32 draft serving the float64 target keeps its float32 weights, so it can serve other targets unrounded.
+    torch.manual_seed(2)
+    draft = DraftModel(DraftConfig.for_target(llava_family.target))
+    MSDDrafter(draft, llava_family.target)
+    assert draft.fc.weight.dtype == torch.float32
+
+
 def test_missing_weights_rejected(llava_family, tmp_path):
     draft = make_draft(llava_family.target)
     draft.save_pretrained(tmp_path / "draft")

@@ -88,8 +88,8 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tree size in tokens, root included: the tokens the target verifies per forward (default 48, sized for "
         "GPUs, or 16 on a bfloat16 target with batch-invariant CPU kernels, which verify at most 16 tokens exactly; "
-        "on CPUs small trees such as --depth 3 --tree-top-k 1 --total-tokens 4 do better in float32, and msd bench "
-        "--tune-tree picks one by measurement)",
+        "on CPUs small trees such as --depth 2 --tree-top-k 1 --total-tokens 3 do better in float32, and msd bench "
+        "--tune-tree picks one by measurement; msd embedded options prints the setting for the default model)",
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -142,13 +142,18 @@ class SpeculativeGenerator:
             self.drafter = MSDDrafter(draft, target)
         else:
             self.drafter = draft
-        self.tree = tree or TreeParams()
         limit = target.max_tree_tokens
+        if tree is None:  # the default tree, cut to what the target verifies exactly
+            tree = TreeParams()
+            if limit is not None and tree.total_tokens > limit:
+                tree = replace(tree, total_tokens=limit)
+        self.tree = tree
         if limit is not None and self.tree.total_tokens > limit and not isinstance(self.drafter, RootOnlyDrafter):
             raise MSDError(
                 f"a tree of {self.tree.total_tokens} tokens is too large for this target: its batch-invariant "
                 f"bfloat16 CPU kernels verify at most {limit} tokens exactly. Pass --total-tokens {limit} or less "
-                "(TreeParams.total_tokens in Python), or load the target in float32."
+                "(TreeParams.total_tokens in Python, total_tokens in lmms-eval's --model_args), or load the target "
+                "in float32."
             )
         if tokenizer is None and target.processor is not None:
             tokenizer = getattr(target.processor, "tokenizer", target.processor)

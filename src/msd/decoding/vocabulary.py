@@ -4,9 +4,11 @@ A draft with a reduced vocabulary scores only its own rows of the target's LM he
 chosen by frequency in its training answers. Answers often repeat words of their prompt that are rare in general:
 names, technical terms, the topic itself. The target then ranks such a token first, and no proposal can match it.
 
-`DraftVocabulary.for_prompt` adds the prompt's other text tokens to the draft's rows for one sequence. Their scores use
-the same target LM-head rows as every other token on the draft's predicted feature, so the draft needs no retraining.
-Acceptance is unchanged in kind: the target verifies every proposed token, so output stays exactly the target's.
+`DraftVocabulary.for_prompt` adds the prompt's other text tokens (chat template included) to the draft's rows for one
+sequence. Their scores use the same target LM-head rows as every other token on the draft's predicted feature, so the
+draft needs no retraining. The target verifies every proposed token, so output stays exactly the target's. The gain
+is small: on the embedded default's four validation questions, tau with a 16-token tree rose from 2.44 to 2.47. The
+draft was never trained to rank these tokens first, so they enter wide trees as siblings more often than chains.
 """
 
 from __future__ import annotations

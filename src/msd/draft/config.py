@@ -100,6 +100,8 @@ class DraftConfig:
     def check_fits(self, target) -> None:
         """Raise MSDError unless this draft can serve `target` (a TargetAdapter)."""
         problems = []
+        if self.target_model_type != target.config.model_type:
+            problems.append(f"model type {self.target_model_type!r} (target: {target.config.model_type!r})")
         if self.layer_family != target.text_config.model_type:
             problems.append(
                 f"language-model family {self.layer_family!r} (target: {target.text_config.model_type!r})"
@@ -110,7 +112,6 @@ class DraftConfig:
             problems.append(f"vocabulary size {self.vocab_size} (target: {target.vocab_size})")
         if problems:
             raise MSDError(
-                f"the draft was built for a {self.target_model_type!r} target and does not fit this "
-                f"{target.config.model_type!r} target: " + "; ".join(problems) + ". "
-                "Use a draft trained for this target, or train one with `msd train`."
+                "the draft does not fit this target, which differs from the one it was built for in "
+                + "; ".join(problems) + ". Use a draft trained for this target, or train one with `msd train`."
             )

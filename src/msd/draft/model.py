@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -93,12 +94,16 @@ class DraftModel(nn.Module):
         self._shared = {"embed": target.embed_tokens.weight.detach(), "head": head}
         return self
 
+    def clone(self) -> DraftModel:
+        """Return a deep copy that shares the borrowed target tensors instead of copying them."""
+        return copy.deepcopy(self, memo={id(tensor): tensor for tensor in self._shared.values()})
+
     def packed_copy(self) -> DraftModel:
         """Return a copy for bfloat16 decoding on CPU whose linear layers and LM head run on weights prepacked for
         oneDNN (`msd.targets.batch_invariant.InvariantLinear`). On the embedded default draft that saves about 0.7
         ms of drafting per cycle (2-core Xeon with AMX). The copy shares the borrowed target tensors and cannot be trained; this draft stays as it is."""
         head = self._require("head")
-        packed = copy.deepcopy(self, memo={id(tensor): tensor for tensor in self._shared.values()})
+        packed = self.clone()
         pack_linear_layers(packed)
         packed._shared["head_layer"] = InvariantLinear.from_weight(head)
         return packed.requires_grad_(False)
@@ -195,7 +200,13 @@ class DraftModel(nn.Module):
         if not weights.is_file():
             raise MSDError(f"no draft weights at {weights}")
         state = rename_legacy_weights(load_file(str(weights)))
-        model = cls(config)
+        try:
+            model = cls(config)
+        except (ValueError, TypeError, KeyError, StrictDataclassError) as error:  # transformers rejects the layer config
+            raise MSDError(
+                f"invalid draft config in {folder}: {error}. Use the config.json written with the weights by msd train "
+                "or msd convert."
+            ) from None
         expected = set(model.state_dict())
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
@@ -203,6 +214,18 @@ class DraftModel(nn.Module):
             raise MSDError(
                 f"draft weights in {weights} do not match its config: missing {missing or 'none'}, "
                 f"unexpected {unexpected or 'none'}."
+            )
+        shapes = model.state_dict()
+        mismatched = [
+            f"{name} {tuple(state[name].shape)} (config: {tuple(shapes[name].shape)})"
+            for name in sorted(expected)
+            if state[name].shape != shapes[name].shape
+        ]
+        if mismatched:
+            raise MSDError(
+                f"draft weights in {weights} do not match the sizes in its config: {', '.join(mismatched[:3])}"
+                f"{' and more' if len(mismatched) > 3 else ''}. Keep config.json and model.safetensors from the "
+                "same msd train or msd convert run."
             )
         model.load_state_dict(state, strict=True)
         if dtype is not None:
