@@ -27,7 +27,9 @@ class DraftVocabulary:
     V is the draft's vocabulary size and E the number of added tokens. Indices V .. V + E - 1 are the added tokens.
     """
 
-    def __init__(self, draft: DraftModel, added_ids: torch.Tensor | None = None, added_head: torch.Tensor | None = None):
+    def __init__(
+        self, draft: DraftModel, added_ids: torch.Tensor | None = None, added_head: torch.Tensor | None = None
+    ):
         self.draft = draft
         self.added_ids = added_ids  # (E,) target ids, or None
         self.added_head = added_head  # (E, H) the target's LM-head rows of added_ids, or None

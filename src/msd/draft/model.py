@@ -101,7 +101,8 @@ class DraftModel(nn.Module):
     def packed_copy(self) -> DraftModel:
         """Return a copy for bfloat16 decoding on CPU whose linear layers and LM head run on weights prepacked for
         oneDNN (`msd.targets.batch_invariant.InvariantLinear`). On the embedded default draft that saves about 0.7
-        ms of drafting per cycle (2-core Xeon with AMX). The copy shares the borrowed target tensors and cannot be trained; this draft stays as it is."""
+        ms of drafting per cycle (2-core Xeon with AMX). The copy shares the borrowed target tensors and cannot be
+        trained. This draft stays as it is."""
         head = self._require("head")
         packed = self.clone()
         pack_linear_layers(packed)
@@ -202,7 +203,7 @@ class DraftModel(nn.Module):
         state = rename_legacy_weights(load_file(str(weights)))
         try:
             model = cls(config)
-        except (ValueError, TypeError, KeyError, StrictDataclassError) as error:  # transformers rejects the layer config
+        except (ValueError, TypeError, KeyError, StrictDataclassError) as error:  # transformers rejected it
             raise MSDError(
                 f"invalid draft config in {folder}: {error}. Use the config.json written with the weights by msd train "
                 "or msd convert."
