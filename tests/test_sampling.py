@@ -10,6 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from msd.decoding import SamplingParams, SpeculativeGenerator, TokenChooser, TreeParams
+from msd.draft import DraftConfig, DraftModel
 from msd.targets import adapter_for, batch_invariant
 from msd.targets.cpu_linear import use_small_batch_linears
 from oracle import OracleDrafter
@@ -76,6 +77,19 @@ def goodness_of_fit(counts: dict, joint: dict, samples: int) -> float:
     return chisquare(observed, [value * scale for value in expected]).pvalue
 
 
+def sample_pairs(generator, inputs, params, seed: int) -> tuple[dict[tuple[int, int], int], int]:
+    """Count the first two tokens of SAMPLES speculative samples; also return the draft tokens accepted in all."""
+    rng = torch.Generator().manual_seed(seed)
+    counts: dict[tuple[int, int], int] = {}
+    accepted = 0
+    for _ in range(SAMPLES):
+        output = generator.generate(inputs, max_new_tokens=2, sampling=params, eos_token_ids=[], generator=rng)
+        outcome = tuple(output.token_ids)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        accepted += output.stats.accepted_lengths[0]
+    return counts, accepted
+
+
 CONFIGS = [
     SamplingParams(do_sample=True, temperature=1.0),
     SamplingParams(do_sample=True, temperature=0.7),
@@ -93,15 +107,27 @@ def test_speculative_sampling_matches_target(peaked, params):
     greedy = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=4, eos_token_ids=[]).token_ids
     drafter = OracleDrafter(greedy, target.vocab_size, decoys=2)
     generator = SpeculativeGenerator(target, drafter, TreeParams(depth=2, top_k=3, total_tokens=7))
-    rng = torch.Generator().manual_seed(2024)
-    counts: dict[tuple[int, int], int] = {}
-    accepted = 0
-    for _ in range(SAMPLES):
-        output = generator.generate(inputs, max_new_tokens=2, sampling=params, eos_token_ids=[], generator=rng)
-        outcome = tuple(output.token_ids)
-        counts[outcome] = counts.get(outcome, 0) + 1
-        accepted += output.stats.accepted_lengths[0]
+    counts, accepted = sample_pairs(generator, inputs, params, seed=2024)
     assert accepted > 0  # some second tokens came from accepted draft candidates, not only bonus tokens
+    assert goodness_of_fit(counts, joint, SAMPLES) > 1e-3
+
+
+def test_msd_drafter_sampling_matches_target(peaked):
+    # The MSD drafter, with a reduced vocabulary and the prompt's tokens added, keeps sampling exact.
+    model, target, inputs = peaked
+    params = SamplingParams(do_sample=True, temperature=1.0)
+    joint = exact_joint(target, inputs, TokenChooser(params))
+    # The draft's own vocabulary: the possible second tokens that are not in the prompt, which the drafter adds.
+    prompt_ids = set(inputs["input_ids"][0].tolist())
+    own_ids = sorted({second for _, second in joint} - prompt_ids)
+    torch.manual_seed(5)
+    draft = DraftModel(DraftConfig.for_target(target, draft_vocab_size=len(own_ids)))
+    draft.draft_to_target.copy_(torch.tensor(own_ids))
+    top_k = 8
+    generator = SpeculativeGenerator(target, draft, TreeParams(depth=1, top_k=top_k, total_tokens=top_k + 1))
+    counts, accepted = sample_pairs(generator, inputs, params, seed=7)
+    assert generator.drafter.vocabulary.added_count > 0  # the prompt's tokens were added
+    assert accepted > 0  # some second tokens came from the draft's candidates
     assert goodness_of_fit(counts, joint, SAMPLES) > 1e-3
 
 

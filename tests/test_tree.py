@@ -71,3 +71,11 @@ def test_tree_params_parse():
             TreeParams.parse(text)
     with pytest.raises(ValueError, match="tree depth must be at least 1, got 0"):
         TreeParams.parse("0,1,4")
+
+
+def test_tree_params_capped():
+    # Only total_tokens above the cap changes, and no cap leaves the parameters as they are.
+    tree = TreeParams(depth=5, top_k=8, total_tokens=48)
+    assert tree.capped(16) == TreeParams(depth=5, top_k=8, total_tokens=16)
+    assert tree.capped(64) is tree
+    assert tree.capped(None) is tree

@@ -28,7 +28,7 @@ msd embedded train-projector --target "$base" --work-dir "$WORK/projector" --out
     --steps "$PROJECTOR_STEPS" --warmup-steps 20 --batch-size 16
 target=$(msd embedded build)  # the default target, now with the trained projector
 # The answers and features come from the target in the dtype `msd embedded options` serves it in on this CPU
-# (bfloat16 with AMX, float32 elsewhere), so the draft learns the answers it will be asked to predict.
+# (bfloat16 with AMX, float32 elsewhere), so the draft learns the outputs of the target it will serve.
 DTYPE=${DTYPE:-$(msd embedded options | sed -n 's/.*--dtype \([a-z0-9]*\).*/\1/p')}
 
 log "2/5 prompts"

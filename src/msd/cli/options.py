@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import replace
 
 from msd.errors import MSDError
 from msd.targets.cpu_linear import AUTO
@@ -131,9 +130,10 @@ def tree_argument(text: str):
 
 def fit_default_tree(tree, target, arguments: argparse.Namespace):
     """Lower the default tree size to the largest tree `target` verifies exactly, unless --total-tokens was given."""
-    limit = target.max_tree_tokens
-    if arguments.total_tokens is not None or limit is None or tree.total_tokens <= limit:
+    if arguments.total_tokens is not None:
         return tree
-    logger.info("tree size lowered from the default %d to %d: this target verifies at most %d tokens exactly",
-                tree.total_tokens, limit, limit)
-    return replace(tree, total_tokens=limit)
+    fitted = tree.capped(target.max_tree_tokens)
+    if fitted is not tree:
+        logger.info("tree size lowered from the default %d to %d: this target verifies at most %d tokens exactly",
+                    tree.total_tokens, fitted.total_tokens, fitted.total_tokens)
+    return fitted

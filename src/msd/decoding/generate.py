@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -143,11 +143,7 @@ class SpeculativeGenerator:
         else:
             self.drafter = draft
         limit = target.max_tree_tokens
-        if tree is None:  # the default tree, cut to what the target verifies exactly
-            tree = TreeParams()
-            if limit is not None and tree.total_tokens > limit:
-                tree = replace(tree, total_tokens=limit)
-        self.tree = tree
+        self.tree = tree or TreeParams().capped(limit)  # the default tree fits what the target verifies exactly
         if limit is not None and self.tree.total_tokens > limit and not isinstance(self.drafter, RootOnlyDrafter):
             raise MSDError(
                 f"a tree of {self.tree.total_tokens} tokens is too large for this target: its batch-invariant "

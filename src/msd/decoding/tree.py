@@ -11,7 +11,7 @@ so the selected set always contains each selected node's ancestors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,12 @@ class TreeParams:
             raise ValueError(f"invalid tree {text!r}: expected depth,top_k,total_tokens such as 3,1,4")
         depth, top_k, total_tokens = (int(part) for part in parts)
         return cls(depth=depth, top_k=top_k, total_tokens=total_tokens)
+
+    def capped(self, max_tokens: int | None) -> TreeParams:
+        """Return these parameters with total_tokens lowered to `max_tokens` (a target's `max_tree_tokens`)."""
+        if max_tokens is None or self.total_tokens <= max_tokens:
+            return self
+        return replace(self, total_tokens=max_tokens)
 
 
 @dataclass

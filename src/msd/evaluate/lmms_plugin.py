@@ -74,9 +74,7 @@ class MSDModel(lmms):
                 f"{', '.join(self.model_types)}. Pick the matching model name (llava_msd or qwen2_vl_msd)."
             )
         if total_tokens is None:
-            total_tokens = TreeParams.total_tokens
-            if self.target.max_tree_tokens is not None:
-                total_tokens = min(total_tokens, self.target.max_tree_tokens)
+            total_tokens = TreeParams().capped(self.target.max_tree_tokens).total_tokens
         tree = TreeParams(depth=int(depth), top_k=int(tree_top_k), total_tokens=int(total_tokens))
         self.draft = DraftModel.from_pretrained(draft) if draft else None
         self.generator = SpeculativeGenerator(self.target, self.draft, tree)
