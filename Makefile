@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 DEMO_DRAFT ?= src/msd/embedded/weights/draft
 DEMO_IMAGES ?= chelsea astronaut rocket
 DEMO_PROMPT ?= Describe this picture in a few sentences.
-# The dtype and tree come from `msd embedded options` (bfloat16 and a 16-token tree on CPUs with AMX, float32 and a
+# The dtype and tree come from `msd embedded options` (bfloat16 and a 12-token tree on CPUs with AMX, float32 and a
 # 3-token chain elsewhere); options here come after them and override them.
 DEMO_OPTIONS ?= --max-new-tokens 96
 

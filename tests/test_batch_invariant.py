@@ -19,7 +19,13 @@ from msd.evaluate.tree_tuning import tune_tree
 from msd.targets import adapter_for, load_target
 from msd.targets import batch_invariant
 from msd.targets.base import truncate_cache
-from msd.targets.batch_invariant import ROWS, InvariantLinear, use_batch_invariant_kernels
+from msd.targets.batch_invariant import (
+    ROWS,
+    InvariantLinear,
+    rows_independent,
+    skip_padding_where_exact,
+    use_batch_invariant_kernels,
+)
 from oracle import OracleDrafter
 from conftest import Family
 from tiny_models import CORPUS, TinyQwen2VL, build_llava, llava_inputs, random_image
@@ -80,6 +86,39 @@ def test_linear_rows_independent(bias):
         assert torch.equal(layer(inputs[:rows]), full[:rows])
         assert torch.equal(layer(inputs[None, :rows])[0], full[:rows])  # leading batch dimension
     torch.testing.assert_close(full, F.linear(inputs, linear.weight, linear.bias), rtol=2e-2, atol=2e-2)
+
+
+class CountDependentLinear(InvariantLinear):
+    """A layer whose rounding depends on the row count, as some oneDNN kernels' might."""
+
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        output = super().product(flat)
+        return output + 0.5 if flat.shape[0] < self.rows else output
+
+
+def test_unpadded_rows_where_exact():
+    # Shapes that pass the check run unpadded and still give each row its full-product bits at every row count.
+    torch.manual_seed(1)
+    layer = InvariantLinear(nn.Linear(160, 96).to(torch.bfloat16))
+    if not rows_independent(layer):
+        pytest.skip("this CPU's oneDNN rounds rows differently by row count, so padding stays on")
+    assert skip_padding_where_exact([layer]) == 1
+    assert not layer.pad
+    inputs = torch.randn(ROWS, 160).to(torch.bfloat16)
+    full = layer(inputs)
+    for rows in range(1, ROWS + 1):
+        assert torch.equal(layer(inputs[ROWS - rows :]), full[ROWS - rows :])
+
+
+def test_padding_kept_where_rows_depend_on_count():
+    # A layer whose result changes with the row count fails the check and keeps padding, which makes it exact again.
+    torch.manual_seed(1)
+    layer = CountDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
+    assert not rows_independent(layer)
+    assert skip_padding_where_exact([layer]) == 0
+    assert layer.pad
+    inputs = torch.randn(ROWS, 160).to(torch.bfloat16)
+    assert torch.equal(layer(inputs[:3]), layer(inputs)[:3])
 
 
 def test_linear_prompts_and_parameters():
@@ -150,6 +189,7 @@ def test_packed_draft_copy(bf16_llava):
     packed = draft.packed_copy()
     assert type(draft.fc) is nn.Linear
     assert type(packed.fc) is InvariantLinear
+    assert not packed.fc.pad  # drafting needs no batch invariance
     assert packed._shared["embed"] is draft._shared["embed"]
     tokens = torch.randint(0, target.vocab_size, (1, 5))
     features = torch.randn(1, 5, target.hidden_size, dtype=torch.bfloat16)

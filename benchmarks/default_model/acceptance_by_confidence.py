@@ -43,7 +43,7 @@ def record_root_choice(target, choices: list[tuple[float, int]]) -> None:
 
     def recording(state, tokens, depths, ancestor_mask):
         logits, hidden = forward_tree(state, tokens, depths, ancestor_mask)
-        probabilities = torch.softmax(logits[0], dim=-1)
+        probabilities = torch.softmax(logits[0].float(), dim=-1)
         choices.append((float(probabilities.max()), int(probabilities.argmax())))
         return logits, hidden
 

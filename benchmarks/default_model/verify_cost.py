@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 FLOAT32_TREES = (TreeParams(1, 1, 2), TreeParams(2, 1, 3), TreeParams(3, 1, 4), TreeParams(3, 2, 6), TreeParams(4, 2, 8))
-BF16_TREES = (TreeParams(2, 1, 3), TreeParams(4, 2, 8), TreeParams(3, 8, 16), TreeParams(4, 4, 16))
+BF16_TREES = (TreeParams(2, 1, 3), TreeParams(3, 6, 8), TreeParams(3, 6, 12), TreeParams(3, 8, 16))
 
 
 def chain(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,9 +58,11 @@ class DraftTree:
     parents: torch.Tensor  # (n,) parent index, -1 for the root
 
     def __post_init__(self):
+        self._parents = self.parents.tolist()  # host copies: the loops below read them without tensor indexing
+        self._tokens = self.tokens.tolist()
         depths = [0] * len(self)
         for node in range(1, len(self)):
-            parent = int(self.parents[node])
+            parent = self._parents[node]
             if not 0 <= parent < node:
                 raise ValueError(f"tree node {node} has parent {parent}; parents must come before their children")
             depths[node] = depths[parent] + 1
@@ -78,16 +80,18 @@ class DraftTree:
     def ancestor_mask(self) -> torch.Tensor:
         """(n, n) bool mask: [i, j] is True when node j is node i or one of its ancestors."""
         n = len(self)
-        mask = torch.eye(n, dtype=torch.bool)
-        for node in range(1, n):
-            mask[node] |= mask[int(self.parents[node])]
-        return mask
+        rows = [[False] * n for _ in range(n)]
+        for node in range(n):
+            if node:
+                rows[node] = rows[self._parents[node]].copy()
+            rows[node][node] = True
+        return torch.tensor(rows, dtype=torch.bool)
 
     def children(self) -> list[dict[int, int]]:
         """For each node, a map from child token id to child node index."""
         table: list[dict[int, int]] = [{} for _ in range(len(self))]
         for node in range(1, len(self)):
-            table[int(self.parents[node])].setdefault(int(self.tokens[node]), node)
+            table[self._parents[node]].setdefault(self._tokens[node], node)
         return table
 
     def path_to(self, node: int) -> list[int]:
@@ -95,7 +99,7 @@ class DraftTree:
         path = []
         while node >= 0:
             path.append(node)
-            node = int(self.parents[node])
+            node = self._parents[node]
         return path[::-1]
 
 

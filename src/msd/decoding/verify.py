@@ -100,23 +100,15 @@ def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
 def walk_tree(tree: DraftTree, logits: torch.Tensor, chooser: TokenChooser) -> tuple[list[int], int]:
     """Walk the tree along the target's choices (see the module docstring).
 
-    logits: (n, V) target logits at each tree node. Returns the accepted path as node indices (root first, so its
-    length is the number of accepted tokens plus one) and the bonus token.
+    logits: (n, V) target logits at each tree node, in the target's dtype. Only the rows on the walk are read, each
+    converted to float32 first, as transformers' `generate` converts its logits. Returns the accepted path as node
+    indices (root first, so its length is the number of accepted tokens plus one) and the bonus token.
     """
     children = tree.children()
-    if not chooser.params.do_sample:
-        choices = greedy_choice(logits).tolist()  # all nodes at once: cheaper than one call per visited node
-        node = 0
-        path = [0]
-        while choices[node] in children[node]:
-            node = children[node][choices[node]]
-            path.append(node)
-        return path, choices[node]
-
     node = 0
     path = [0]
     while True:
-        token = int(chooser.choose(logits[node : node + 1])[0])
+        token = int(chooser.choose(logits[node : node + 1].float())[0])
         if token not in children[node]:
             return path, token
         node = children[node][token]

@@ -105,8 +105,8 @@ class DraftModel(nn.Module):
         trained. This draft stays as it is."""
         head = self._require("head")
         packed = self.clone()
-        pack_linear_layers(packed)
-        packed._shared["head_layer"] = InvariantLinear.from_weight(head)
+        pack_linear_layers(packed, pad=False)  # drafting needs speed, not batch invariance
+        packed._shared["head_layer"] = InvariantLinear.from_weight(head, pad=False)
         return packed.requires_grad_(False)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -195,7 +195,8 @@ class TargetAdapter(ABC):
 
         tokens: (n,) token ids; depths: (n,) depth below the tree root (the root is 0);
         ancestor_mask: (n, n) bool, [i, j] True when node j is node i or one of its ancestors.
-        Returns logits (n, V) in float32 and hidden states (n, H) after the final norm.
+        Returns logits (n, V) in the target's dtype and hidden states (n, H) after the final norm. The logits stay
+        unconverted because a walk reads only a few rows (`msd.decoding.verify.walk_tree` converts those).
         """
         n = tokens.shape[0]
         tokens = tokens.to(self.device)
@@ -220,7 +221,7 @@ class TargetAdapter(ABC):
         )
         state.length += n
         hidden = output.last_hidden_state[0]  # (n, H)
-        return self.lm_head(hidden).float(), hidden
+        return self.lm_head(hidden), hidden
 
     def keep_accepted(self, state: TargetState, tree_size: int, accepted: torch.Tensor) -> None:
         """Keep only the accepted nodes of the last tree in the cache, in path order.

@@ -13,10 +13,13 @@ verification cheap, because a weight read once serves 16 rows at about the cost 
 
 Two replacements make every decoding forward of at most `ROWS` tokens batch-invariant:
 
-- `InvariantLinear`: the weight is reordered once into oneDNN's blocked layout, and an input of at most `ROWS` rows is
-  zero-padded to exactly `ROWS` rows, so every decoding forward runs one kernel on one shape. Rows do not interact in
-  a matrix product, so each row's result is the same whichever rows share the call. Longer inputs (prompts) run
-  unpadded: plain decoding, speculative decoding and transformers' `generate` all prefill the same way.
+- `InvariantLinear`: the weight is reordered once into oneDNN's blocked layout. Rows do not interact in a matrix
+  product, so a row's result can depend on the other rows only through the kernel oneDNN picks for the row count.
+  At load, `skip_padding_where_exact` multiplies random rows by each weight shape in every count from 1 to `ROWS`.
+  Shapes that give a row the same bits at every count run unpadded. The others zero-pad an input of fewer rows to
+  exactly `ROWS` rows, so every decoding forward runs one kernel on one shape. On the Xeon below no shape needed
+  padding, and unpadded one-token forwards cost about a tenth less. Longer inputs (prompts) run unpadded: plain
+  decoding, speculative decoding and transformers' `generate` all prefill the same way.
 - `invariant_attention` (registered with transformers as `ATTENTION_NAME`): each query row gets its own batch entry
   with one query. Its keys are gathered in cache order (the cached prefix, then its tree ancestors and itself) and
   padded to a multiple of `KEY_BLOCK` keys that the mask hides. A tree node therefore attends over the key layout it
@@ -30,11 +33,11 @@ which stay for the state dict, tied embeddings and the draft's borrowed LM head.
 
 Cost of one forward of the embedded default target over n tokens, in median milliseconds, measured by
 `benchmarks/default_model/verify_cost.py` on a 2-core Xeon with AMX (Emerald Rapids). The cache held a 103-token prompt
-plus 48 generated tokens. float32 runs PyTorch's kernels, bfloat16 these:
+plus 48 generated tokens. float32 runs PyTorch's kernels, bfloat16 these, unpadded:
 
-    tokens per forward     1     3     8    16
-    float32               35    40    56    64
-    bfloat16, invariant   33    34    36    40
+    tokens per forward     1     3     8    12    16
+    float32               38    43    65    74    80
+    bfloat16, invariant   36    38    40    45    49
 """
 
 from __future__ import annotations
@@ -80,34 +83,79 @@ class InvariantLinear(nn.Module):
     of the weight for oneDNN. The copy is made once: change the weights afterwards and the layer goes stale.
     """
 
-    def __init__(self, linear: nn.Linear, rows: int = ROWS):
+    def __init__(self, linear: nn.Linear, rows: int = ROWS, pad: bool = True):
+        """pad: zero-pad inputs of fewer than `rows` rows to `rows` rows (see `rows_independent`)."""
         super().__init__()
         if linear.weight.dtype != torch.bfloat16:
             raise MSDError(f"batch-invariant linear layers need bfloat16 weights, got {linear.weight.dtype}.")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.rows = rows
+        self.pad = pad
         self.weight = linear.weight
         self.bias = linear.bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, rows: int = ROWS) -> InvariantLinear:
+    def from_weight(cls, weight: torch.Tensor, rows: int = ROWS, pad: bool = True) -> InvariantLinear:
         """Wrap a bare (out, in) weight without bias, such as rows taken from an LM head."""
         linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
         linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        return cls(linear, rows)
+        return cls(linear, rows, pad)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         flat = input.reshape(-1, self.in_features)  # (M, in)
         count = flat.shape[0]
-        if 0 < count < self.rows:
-            flat = torch.cat([flat, flat.new_zeros(self.rows - count, self.in_features)])  # (ROWS, in)
-        output = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return output[:count].reshape(*input.shape[:-1], self.out_features)
+        if self.pad and 0 < count < self.rows:
+            flat = F.pad(flat, (0, 0, 0, self.rows - count))  # (ROWS, in), zero rows appended
+        return self.product(flat)[:count].reshape(*input.shape[:-1], self.out_features)
+
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        """Multiply by the reordered weight without padding: (M, in) -> (M, out)."""
+        return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rows={self.rows}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rows={self.rows}, pad={self.pad}"
+        )
+
+
+def rows_independent(layer: InvariantLinear) -> bool:
+    """Check whether `layer` gives a row the same bits in an unpadded product of any 1 to `layer.rows` rows.
+
+    oneDNN picks its kernel from the shapes, not the values, so one random input per row count shows whether the
+    count changes a row's rounding. Each count is tried on the leading and on the trailing rows of a full product,
+    which also covers a tree node at row i against the same token alone at row 0.
+    """
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(layer.rows, layer.in_features, generator=generator).to(layer.weight.dtype)
+    full = layer.product(inputs)  # (rows, out)
+    for count in range(1, layer.rows):
+        for start in (0, layer.rows - count):
+            if not torch.equal(layer.product(inputs[start : start + count]), full[start : start + count]):
+                return False
+    return True
+
+
+def skip_padding_where_exact(layers: list[InvariantLinear]) -> int:
+    """Turn padding off for the layers whose weight shape passes `rows_independent`, and return how many changed.
+
+    One layer per weight shape is checked. Padding costs a one-token forward the work of `ROWS` rows, about a tenth
+    of a plain decoding step on the embedded default target (2-core Xeon with AMX), where no shape needed it.
+    """
+    verdicts: dict[tuple[int, int, bool], bool] = {}
+    turned_off = 0
+    for layer in layers:
+        shape = (layer.out_features, layer.in_features, layer.bias is not None)
+        if shape not in verdicts:
+            verdicts[shape] = rows_independent(layer)
+        if verdicts[shape]:
+            layer.pad = False
+            turned_off += 1
+    padded = sorted(f"{rows}x{columns}" for (rows, columns, _), exact in verdicts.items() if not exact)
+    if padded:
+        logger.info("padding decoding forwards to %d rows for weight shapes %s", ROWS, ", ".join(padded))
+    return turned_off
 
 
 @dataclass
@@ -202,15 +250,15 @@ AttentionInterface.register(ATTENTION_NAME, invariant_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def pack_linear_layers(module: nn.Module) -> int:
-    """Replace every `nn.Linear` inside `module` by an `InvariantLinear`, in place, and return how many were replaced."""
-    changed = 0
+def pack_linear_layers(module: nn.Module, pad: bool = True) -> list[InvariantLinear]:
+    """Replace every `nn.Linear` inside `module` by an `InvariantLinear`, in place, and return the new layers."""
+    layers = []
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, InvariantLinear(child))
-                changed += 1
-    return changed
+                layers.append(InvariantLinear(child, pad=pad))
+                setattr(parent, name, layers[-1])
+    return layers
 
 
 def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
@@ -225,11 +273,15 @@ def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
             "batch-invariant bfloat16 kernels need a CPU with native bfloat16 support (AVX-512 BF16 or AMX). "
             "Load the target in float32 instead (--dtype float32)."
         )
-    changed = pack_linear_layers(target.language_model)
+    layers = pack_linear_layers(target.language_model)
     if type(model.get_output_embeddings()) is nn.Linear:
-        model.set_output_embeddings(InvariantLinear(model.get_output_embeddings()))
-        changed += 1
+        layers.append(InvariantLinear(model.get_output_embeddings()))
+        model.set_output_embeddings(layers[-1])
+    unpadded = skip_padding_where_exact(layers)
     model.set_attn_implementation({"text_config": ATTENTION_NAME})
     target.max_tree_tokens = ROWS
-    logger.info("batch-invariant bfloat16 kernels: %d linear layers, attention %s", changed, ATTENTION_NAME)
-    return changed
+    logger.info(
+        "batch-invariant bfloat16 kernels: %d linear layers (%d unpadded), attention %s",
+        len(layers), unpadded, ATTENTION_NAME,
+    )
+    return len(layers)
