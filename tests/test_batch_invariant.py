@@ -89,7 +89,7 @@ def test_linear_rows_independent(bias):
 
 
 class CountDependentLinear(InvariantLinear):
-    """A layer whose rounding depends on the row count, as some oneDNN kernels' might."""
+    """A layer whose rounding depends on the row count, as a kernel chosen by row count could."""
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         output = super().product(flat)
@@ -110,7 +110,7 @@ def test_unpadded_rows_where_exact():
         assert torch.equal(layer(inputs[ROWS - rows :]), full[ROWS - rows :])
 
 
-def test_padding_kept_where_rows_depend_on_count():
+def test_padding_kept_for_count_dependent_rounding():
     # A layer whose result changes with the row count fails the check and keeps padding, which makes it exact again.
     torch.manual_seed(1)
     layer = CountDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
