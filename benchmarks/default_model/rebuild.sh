@@ -22,7 +22,7 @@ ABLATION=benchmarks/default_model/ablation-draft
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
-log "1/5 projector ($PROJECTOR_STEPS steps of 16 easy-VQA examples)"
+log "1/6 projector ($PROJECTOR_STEPS steps of 16 easy-VQA examples)"
 base=$(msd embedded build --untrained-projector --output "$WORK/untrained-target")
 msd embedded train-projector --target "$base" --work-dir "$WORK/projector" --output "$PROJECTOR" \
     --steps "$PROJECTOR_STEPS" --warmup-steps 20 --batch-size 16
@@ -31,7 +31,7 @@ target=$(msd embedded build)  # the default target, now with the trained project
 # (bfloat16 with AMX, float32 elsewhere), so the draft learns the outputs of the target it will serve.
 DTYPE=${DTYPE:-$(msd embedded options | sed -n 's/.*--dtype \([a-z0-9]*\).*/\1/p')}
 
-log "2/5 prompts"
+log "2/6 prompts"
 python benchmarks/default_draft/make_text_rows.py --output "$WORK/text-rows.jsonl" --rows "$TEXT_ROWS"
 for set in main extra; do
     python benchmarks/default_draft/make_instruction_rows.py --template-set "$set" \
@@ -40,7 +40,7 @@ for set in main extra; do
         --output "$WORK/image-rows-$set.jsonl" --image-folder "$WORK/images"
 done
 
-log "3/5 self-distilled features (two processes side by side, 16 prompts answered per generate call)"
+log "3/6 self-distilled features (two processes side by side, 16 prompts answered per generate call)"
 # Each process takes one half of every row file except the chit-chat and the first photo set, so the two finish at
 # about the same time. The halves of a file are parts of one feature folder.
 distill() {  # distill ROWS KIND OUTPUT MAX_TOKENS [prepare-data options]: self-distilled features of ROWS
@@ -62,7 +62,7 @@ second_lane=$!
 wait "$first_lane"
 wait "$second_lane"
 
-log "4/5 drafts: MSD and the non-decoupled ablation, side by side"
+log "4/6 drafts: MSD and the non-decoupled ablation, side by side"
 train() {
     local output=$1
     shift
@@ -80,11 +80,28 @@ ablation_job=$!
 wait "$msd_job"
 wait "$ablation_job"
 
-log "5/5 copy the float16 drafts into the repository"
+log "5/6 finishing stage: three epochs with a constant 30% of multimodal samples, from each draft above"
+finish() {
+    local name=$1
+    local resume=()
+    if compgen -G "$WORK/finish-$name/checkpoint-*" > /dev/null; then resume=(--resume); fi
+    OMP_NUM_THREADS=$THREADS msd train --config benchmarks/default_draft/train_mixed_finish.yaml --target "$target" \
+        --init-draft "$WORK/train-$name/draft" \
+        --text-data "$WORK/text" "$WORK/instructions" "$WORK/instructions-extra" \
+        --vision-data "$WORK/vision" "$WORK/vision-extra" --output "$WORK/finish-$name" "${resume[@]}"
+}
+finish msd &
+msd_job=$!
+finish ablation &
+ablation_job=$!
+wait "$msd_job"
+wait "$ablation_job"
+
+log "6/6 copy the float16 drafts into the repository"
 copy_draft() {
     mkdir -p "$2"
     cp "$1/config.json" "$1/model.safetensors" "$2/"
     echo "wrote $2"
 }
-copy_draft "$WORK/train-msd/draft" "$DRAFT"
-copy_draft "$WORK/train-ablation/draft" "$ABLATION"
+copy_draft "$WORK/finish-msd/draft" "$DRAFT"
+copy_draft "$WORK/finish-ablation/draft" "$ABLATION"

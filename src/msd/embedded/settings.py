@@ -1,11 +1,11 @@
 """Decoding settings of the default model for the CPU msd runs on, chosen from measured costs (BENCHMARKS.md).
 
 On a CPU with native bfloat16 support (AMX), the target runs in bfloat16 with msd's batch-invariant kernels. There a
-forward over 8 tokens costs about 1.13 one-token forwards, one over 12 tokens 1.26 and one over 16 tokens 1.36,
-against unpadded one-token forwards (`msd.targets.batch_invariant`). The tree was chosen with
+forward over 8 tokens cost 1.13 unpadded one-token forwards, one over 12 tokens 1.26 and one over 16 tokens 1.36
+in one run, and 1.28, 1.42 and 1.52 in a noisier one (`msd.targets.batch_invariant`). The tree was chosen with
 `benchmarks/default_draft/measure.py` on the four validation questions of
 `benchmarks/default_draft/tree_validation.jsonl` and three matplotlib sample pictures (2-core Emerald Rapids Xeon, the
-committed draft). Mean speedups over plain decoding: 1.84x and 1.86x in two runs for depth 3 with 6 children per node
+draft before its finishing stage). Mean speedups over plain decoding: 1.84x and 1.86x in two runs for depth 3 with 6 children per node
 and 12 tokens, 1.86x for depth 3 with 4 children and 12 tokens, 1.75x and 1.80x for depth 3 with 8 children and 16
 tokens (tau 2.90 against 2.85, which does not pay for the larger forward), 1.80x at depth 4 with 12 tokens, 1.74x
 for depth 3 with 8 children and 12 tokens, 1.76x for 10 tokens, and 1.66-1.73x for 8-token trees.
