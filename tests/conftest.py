@@ -4,6 +4,12 @@ float64 keeps the tree forward's rounding differences (about 1e-7 in float32) fa
 logits, so a greedy comparison token for token cannot fail on a near-tie.
 """
 
+import os
+
+# The test process multiplies on the CPU long before the bfloat16 tests load their targets, so MKL's strict
+# reproducible mode (needed by msd.targets.batch_invariant) has to be in place before its first call.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import pytest
 import torch
 

@@ -24,6 +24,7 @@ from msd.targets.batch_invariant import (
     InvariantLinear,
     rows_independent,
     skip_padding_where_exact,
+    strict_mkl,
     use_batch_invariant_kernels,
 )
 from oracle import OracleDrafter
@@ -119,6 +120,50 @@ def test_padding_kept_for_count_dependent_rounding():
     assert layer.pad
     inputs = torch.randn(ROWS, 160).to(torch.bfloat16)
     assert torch.equal(layer(inputs[:3]), layer(inputs)[:3])
+
+
+class RowDependentLinear(InvariantLinear):
+    """A layer that rounds rows 2 and up differently in products of three or more rows, as oneDNN did on Zen 4."""
+
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        output = super().product(flat)
+        if flat.shape[0] >= 3:
+            output[2:] += 0.5
+        return output
+
+
+def test_row_dependence_found():
+    # The check compares every row with the same row alone. Padded, a token alone sits in row 0, so a layer that
+    # changes the rows past the first two fails both ways.
+    layer = RowDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
+    assert not rows_independent(layer)
+    assert not rows_independent(layer, padded=True)
+
+
+def test_inexact_shape_rejected():
+    # A shape that stays inexact when padded cannot verify trees: loading stops with a clear error.
+    layer = RowDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
+    with pytest.raises(MSDError, match="160.*float32"):
+        skip_padding_where_exact([layer])
+
+
+def test_padded_check_passes():
+    # A layer whose rounding depends only on the row count is exact once padded to a fixed count.
+    layer = CountDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
+    assert rows_independent(layer, padded=True)
+
+
+def test_mkl_strict_after_switch(bf16_llava):
+    # Loading the kernels leaves PyTorch's MKL in strict reproducible mode (None: this PyTorch has no MKL).
+    assert strict_mkl() in (True, None)
+
+
+def test_switch_needs_strict_mkl(monkeypatch):
+    # When MKL already runs in another mode, the switch raises an error that names the environment setting.
+    monkeypatch.setattr(batch_invariant, "strict_mkl", lambda: False)
+    model, _ = build_llava(seed=3, dtype=torch.bfloat16)
+    with pytest.raises(MSDError, match="MKL_CBWR=AUTO,STRICT"):
+        use_batch_invariant_kernels(adapter_for(model))
 
 
 def test_linear_prompts_and_parameters():

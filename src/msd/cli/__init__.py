@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from msd.errors import MSDError
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Strict reproducible MKL before PyTorch first calls it: bfloat16 tree verification needs it
+    # (`msd.targets.batch_invariant.strict_mkl`). A value the user set wins.
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if arguments.verbose else logging.INFO,

@@ -1,4 +1,4 @@
-"""Batch-invariant bfloat16 kernels for decoding on CPUs with native bfloat16 matrix units (AMX).
+"""Batch-invariant bfloat16 kernels for decoding on CPUs with native bfloat16 support (AVX-512 BF16 or AMX).
 
 Terms. A *decoding forward* runs the target over a few new tokens appended to its KV cache: one token in plain
 decoding, the n nodes of a draft tree in verification. Kernels are *batch-invariant* when every token of an n-token
@@ -16,16 +16,18 @@ Two replacements make every decoding forward of at most `ROWS` tokens batch-inva
 - `InvariantLinear`: the weight is reordered once into oneDNN's blocked layout. Rows do not interact in a matrix
   product, so a row's result can depend on the other rows only through the kernel oneDNN picks for the row count.
   At load, `skip_padding_where_exact` multiplies random rows by each weight shape in every count from 1 to `ROWS`.
-  Shapes that give a row the same bits at every count run unpadded. The others zero-pad an input of fewer rows to
+  Shapes that give every row the bits it gets alone run unpadded. The others zero-pad an input of fewer rows to
   exactly `ROWS` rows, so every decoding forward runs one kernel on one shape. On the Xeon below no shape needed
-  padding, and unpadded one-token forwards cost about a tenth less. Longer inputs (prompts) run unpadded: plain
-  decoding, speculative decoding and transformers' `generate` all prefill the same way.
+  padding, and unpadded one-token forwards cost about a tenth less. On a Zen 4 CPU the MLP's down projection
+  (1,536 inputs) needed it. Longer inputs (prompts) run unpadded: plain decoding, speculative decoding and
+  transformers' `generate` all prefill the same way.
 - `invariant_attention` (registered with transformers as `ATTENTION_NAME`): each query row gets its own batch entry
   with one query. Its keys are gathered in cache order (the cached prefix, then its tree ancestors and itself) and
   padded to a multiple of `KEY_BLOCK` keys that the mask hides. A tree node therefore attends over the key layout it
   would have as the last token of plain decoding, and the hidden keys add exact zeros. The layout is built once per
   forward (`key_layout`) and shared by all layers. The query heads that share a key-value head form that head's query
-  rows, so one SDPA call covers all heads of all rows.
+  rows, so one SDPA call covers all heads of all rows. PyTorch's attention kernel multiplies through MKL, which must
+  run in strict reproducible mode (`strict_mkl`): otherwise a row's result can depend on the thread computing it.
 
 Forwards of more than `ROWS` tokens after the prompt would not be invariant, so `SpeculativeGenerator` rejects trees
 above `ROWS` nodes on a target using these kernels. The reordered weights are a second copy next to the originals,
@@ -42,8 +44,10 @@ plus 48 generated tokens. float32 runs PyTorch's kernels, bfloat16 these, unpadd
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -120,19 +124,39 @@ class InvariantLinear(nn.Module):
         )
 
 
-def rows_independent(layer: InvariantLinear) -> bool:
-    """Check whether `layer` gives a row the same bits in an unpadded product of any 1 to `layer.rows` rows.
+#: random inputs per weight shape in `rows_independent`
+CHECK_TRIALS = 4
 
-    oneDNN picks its kernel from the shapes, not the values, so one random input per row count shows whether the
-    count changes a row's rounding. Each count is tried on the leading and on the trailing rows of a full product,
-    which also covers a tree node at row i against the same token alone at row 0.
+
+def random_rows(count: int, features: int, generator: torch.Generator) -> torch.Tensor:
+    """Random float32 rows whose entries span several binades, so that sums cancel and a changed summation order
+    shows through the final bfloat16 rounding more often than with plain Gaussian inputs."""
+    scale = torch.exp2(torch.randint(-6, 7, (count, features), generator=generator).float())
+    return torch.randn(count, features, generator=generator) * scale
+
+
+def rows_independent(layer: InvariantLinear, padded: bool = False) -> bool:
+    """Check whether each row of a product of 1 to `layer.rows` rows gets the bits it gets alone.
+
+    This is the property a tree node needs: it is row i of an n-row forward, and the same token in plain decoding is
+    a one-row forward. padded: check the padded path instead, where every product has `layer.rows` rows and a token
+    alone sits in row 0. oneDNN picks its kernel from the shapes, not the values, but a changed summation order
+    changes a bfloat16 result only when it crosses a rounding boundary, so the check runs `CHECK_TRIALS` random
+    inputs and compares every row. On a Zen 4 CPU (AVX-512 BF16, no AMX), rows 2 and up of products of 3 or more
+    rows with 1,536 input features differed from the same rows alone, while the first two rows always matched.
     """
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(layer.rows, layer.in_features, generator=generator).to(layer.weight.dtype)
-    full = layer.product(inputs)  # (rows, out)
-    for count in range(1, layer.rows):
-        for start in (0, layer.rows - count):
-            if not torch.equal(layer.product(inputs[start : start + count]), full[start : start + count]):
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        if padded:
+            rows = F.pad(rows, (0, 0, 0, layer.rows - rows.shape[0]))
+        return layer.product(rows)[: layer.rows]
+
+    for _ in range(CHECK_TRIALS):
+        inputs = random_rows(layer.rows, layer.in_features, generator).to(layer.weight.dtype)
+        alone = torch.cat([product(inputs[row : row + 1])[:1] for row in range(layer.rows)])  # (rows, out)
+        for count in range(2, layer.rows + 1):
+            if not torch.equal(product(inputs[:count])[:count], alone[:count]):
                 return False
     return True
 
@@ -141,7 +165,8 @@ def skip_padding_where_exact(layers: list[InvariantLinear]) -> int:
     """Turn padding off for the layers whose weight shape passes `rows_independent`, and return how many changed.
 
     One layer per weight shape is checked. Padding costs a one-token forward the work of `ROWS` rows, about a tenth
-    of a plain decoding step on the embedded default target (2-core Xeon with AMX), where no shape needed it.
+    of a plain decoding step on the embedded default target (2-core Xeon with AMX), where no shape needed it. A shape
+    that is not exact even padded raises `MSDError`: this CPU's bfloat16 kernels cannot verify trees losslessly.
     """
     verdicts: dict[tuple[int, int, bool], bool] = {}
     turned_off = 0
@@ -149,6 +174,12 @@ def skip_padding_where_exact(layers: list[InvariantLinear]) -> int:
         shape = (layer.out_features, layer.in_features, layer.bias is not None)
         if shape not in verdicts:
             verdicts[shape] = rows_independent(layer)
+            if not verdicts[shape] and not rows_independent(layer, padded=True):
+                raise MSDError(
+                    f"this CPU's bfloat16 matrix kernels round a row differently with its neighbours for weight "
+                    f"shape {layer.out_features}x{layer.in_features}, even padded to {layer.rows} rows, so trees "
+                    "cannot be verified exactly. Load the target in float32 (--dtype float32)."
+                )
         if verdicts[shape]:
             layer.pad = False
             turned_off += 1
@@ -156,6 +187,33 @@ def skip_padding_where_exact(layers: list[InvariantLinear]) -> int:
     if padded:
         logger.info("padding decoding forwards to %d rows for weight shapes %s", ROWS, ", ".join(padded))
     return turned_off
+
+
+#: MKL's conditional numerical reproducibility codes (mkl_cbwr_set in MKL's service functions)
+MKL_CBWR_AUTO = 2
+MKL_CBWR_STRICT = 0x10000
+MKL_CBWR_ALL = -1
+MKL_CBWR_SUCCESS = 0
+
+
+def strict_mkl() -> bool | None:
+    """Switch the MKL linked into PyTorch to strict reproducible mode where possible, and return whether it runs so.
+
+    PyTorch's CPU attention kernel multiplies through MKL from a scratch buffer per thread. Outside strict mode MKL
+    may round differently by the buffer's memory alignment, so a tree node and the same token in plain decoding,
+    computed on different threads, can differ in one element (seen on Zen 4 with AVX-512 BF16). MKL takes the mode
+    only before its first call: from the environment (MKL_CBWR=AUTO,STRICT) or from this function. Returns None
+    when this PyTorch has no MKL.
+    """
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        mkl = ctypes.CDLL(str(library))
+        get, set_mode = mkl.mkl_serv_cbwr_get, mkl.mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return None
+    if get(MKL_CBWR_ALL) & MKL_CBWR_STRICT:
+        return True
+    return set_mode(MKL_CBWR_AUTO | MKL_CBWR_STRICT) == MKL_CBWR_SUCCESS
 
 
 @dataclass
@@ -272,6 +330,12 @@ def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
         raise MSDError(
             "batch-invariant bfloat16 kernels need a CPU with native bfloat16 support (AVX-512 BF16 or AMX). "
             "Load the target in float32 instead (--dtype float32)."
+        )
+    if strict_mkl() is False:
+        raise MSDError(
+            "batch-invariant bfloat16 kernels need MKL's strict reproducible mode, and MKL already ran in another "
+            "mode in this process. Start Python with MKL_CBWR=AUTO,STRICT in the environment, or load the target "
+            "before any other PyTorch computation. The msd command does this itself."
         )
     layers = pack_linear_layers(target.language_model)
     if type(model.get_output_embeddings()) is nn.Linear:
