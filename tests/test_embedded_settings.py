@@ -24,12 +24,15 @@ def test_options_follow_cpu_support(native_bf16, monkeypatch, capsys):
     assert tree.total_tokens <= batch_invariant.ROWS
 
 
-def test_no_amx_gets_float32(monkeypatch, capsys):
-    # bfloat16 dot products without AMX tiles do not make verification cheap, so float32 stays.
+def test_no_amx_smaller_tree(monkeypatch, capsys):
+    # AVX-512 BF16 without AMX tiles still runs bfloat16, with the smaller tree measured there.
     monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": True)
     monkeypatch.setattr(settings, "has_amx", lambda: False)
     main(["embedded", "options"])
-    assert tuple(capsys.readouterr().out.split()) == settings.FLOAT32_OPTIONS
+    printed = capsys.readouterr().out.split()
+    assert tuple(printed) == settings.NO_AMX_BFLOAT16_OPTIONS
+    arguments = build_parser().parse_args(["generate", "--target", "t", "--prompt", "p", *printed])
+    assert tree_from(arguments).total_tokens <= batch_invariant.ROWS
 
 
 def test_later_options_override(capsys):
