@@ -16,7 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
+
+# Before PyTorch first calls MKL: bfloat16 tree verification needs its strict reproducible mode
+# (msd.targets.batch_invariant.strict_mkl), and this script may run float32 products first.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
 
