@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msd.decoding import DraftTree, SpeculativeGenerator, TreeParams
+from msd.decoding.drafter import MSDDrafter
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
 from msd.cli import main
@@ -242,6 +243,17 @@ def test_packed_draft_copy(bf16_llava):
     expected = draft.compute_logits(draft(tokens, features, positions))
     logits = packed.compute_logits(packed(tokens, features, positions))
     torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
+
+
+def test_drafter_packs_own_copy(bf16_llava):
+    # A float32 draft is copied once for the bfloat16 target, and the drafter packs that copy, not the caller's draft.
+    target = bf16_llava.target
+    draft = DraftModel(DraftConfig.for_target(target))
+    drafter = MSDDrafter(draft, target)
+    assert type(drafter.draft.fc) is InvariantLinear
+    assert drafter.draft.fc.weight.dtype == torch.bfloat16
+    assert type(draft.fc) is nn.Linear
+    assert draft.fc.weight.dtype == torch.float32
 
 
 def test_large_tree_rejected(bf16_llava):

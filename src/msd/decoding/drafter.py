@@ -53,11 +53,12 @@ class MSDDrafter(Drafter):
     def __init__(self, draft: DraftModel, target: TargetAdapter, prompt_vocabulary: bool = True):
         """prompt_vocabulary: let a draft with a reduced vocabulary also propose the prompt's other tokens."""
         weight = draft.fc.weight
-        if weight.dtype != target.dtype or weight.device != target.device:
+        copied = weight.dtype != target.dtype or weight.device != target.device
+        if copied:
             draft = draft.clone()  # attach() casts in place: the caller's draft keeps its weights for other targets
         draft = draft.attach(target).eval()
         if target.dtype == torch.bfloat16 and batch_invariant.supported(target.device):
-            draft = draft.packed_copy()
+            draft = draft.pack() if copied else draft.packed_copy()
         self.draft = draft
         self.target = target
         self.prompt_vocabulary = prompt_vocabulary

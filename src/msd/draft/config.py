@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from msd.errors import MSDError
+from msd.files import atomic_write_text
 
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
@@ -72,8 +73,8 @@ class DraftConfig:
         return config
 
     def save(self, folder: str | Path) -> None:
-        path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps({"msd_draft": True, **asdict(self)}, indent=2, sort_keys=True) + "\n")
+        text = json.dumps({"msd_draft": True, **asdict(self)}, indent=2, sort_keys=True) + "\n"
+        atomic_write_text(Path(folder) / CONFIG_NAME, text)
 
     @classmethod
     def load(cls, folder: str | Path) -> DraftConfig:
