@@ -4,6 +4,10 @@ These tests run the tiny targets in bfloat16, where PyTorch's own kernels round 
 many tokens share the forward. The comparisons are bitwise or token for token, with no tolerance.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +29,6 @@ from msd.targets.batch_invariant import (
     InvariantLinear,
     rows_independent,
     skip_padding_where_exact,
-    strict_mkl,
     use_batch_invariant_kernels,
 )
 from oracle import OracleDrafter
@@ -123,45 +126,127 @@ def test_padding_kept_for_count_dependent_rounding():
     assert torch.equal(layer(inputs[:3]), layer(inputs)[:3])
 
 
-class RowDependentLinear(InvariantLinear):
-    """A layer that rounds rows 2 and up differently in products of three or more rows, as oneDNN did on Zen 4."""
+class OneRowLinear(InvariantLinear):
+    """A layer whose one-row product rounds differently from its larger products, as oneDNN's did on a Zen 4 CPU
+    for 1,536 input features."""
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         output = super().product(flat)
-        if flat.shape[0] >= 3:
-            output[2:] += 0.5
+        return output + 0.5 if flat.shape[0] == 1 else output
+
+
+class PositionDependentLinear(InvariantLinear):
+    """A layer that rounds every row after the first differently in products of several rows, so padding cannot
+    make it exact."""
+
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        output = super().product(flat)
+        if flat.shape[0] > 1:
+            output[1:] += 0.5
         return output
 
 
-def test_row_dependence_found():
-    # The check compares every row with the same row alone. Padded, a token alone sits in row 0, so a layer that
-    # changes the rows past the first two fails both ways.
-    layer = RowDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
+def test_one_row_kernel_padded():
+    # Every row is compared with the same row alone, so a different one-row kernel is found and padding stays on.
+    layer = OneRowLinear(nn.Linear(160, 96).to(torch.bfloat16))
     assert not rows_independent(layer)
-    assert not rows_independent(layer, padded=True)
+    assert rows_independent(layer, padded=True)
+    assert skip_padding_where_exact([layer]) == 0
+    assert layer.pad
 
 
 def test_inexact_shape_rejected():
-    # A shape that stays inexact when padded cannot verify trees: loading stops with a clear error.
-    layer = RowDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
+    # A shape that stays inexact when padded cannot verify trees: the check raises a clear error.
+    layer = PositionDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
+    assert not rows_independent(layer, padded=True)
     with pytest.raises(MSDError, match="160.*float32"):
         skip_padding_where_exact([layer])
 
 
-def test_padded_check_passes():
-    # A layer whose rounding depends only on the row count is exact once padded to a fixed count.
-    layer = CountDependentLinear(nn.Linear(160, 96).to(torch.bfloat16))
-    assert rows_independent(layer, padded=True)
+def test_inexact_shape_leaves_model(monkeypatch):
+    # When the check raises, the model keeps its own linear layers instead of being half converted.
+    model, _ = build_llava(seed=3, dtype=torch.bfloat16)
+    monkeypatch.setattr(batch_invariant, "InvariantLinear", PositionDependentLinear)
+    with pytest.raises(MSDError, match="even padded"):
+        use_batch_invariant_kernels(adapter_for(model))
+    assert not any(isinstance(module, InvariantLinear) for module in model.modules())
 
 
-def test_mkl_strict_after_switch(bf16_llava):
-    # Loading the kernels leaves PyTorch's MKL in strict reproducible mode (None: this PyTorch has no MKL).
-    assert strict_mkl() in (True, None)
+def test_down_projection_exact_after_check():
+    # A real layer with 1,536 inputs (rounded differently alone on a Zen 4 CPU): after the check, every row of every
+    # row count matches that row alone through forward, padded or not.
+    torch.manual_seed(0)
+    layer = InvariantLinear(nn.Linear(1536, 576).to(torch.bfloat16))
+    skip_padding_where_exact([layer])
+    inputs = batch_invariant.random_rows(ROWS, 1536, torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    alone = torch.cat([layer(inputs[row : row + 1]) for row in range(ROWS)])
+    for count in range(2, ROWS + 1):
+        assert torch.equal(layer(inputs[:count]), alone[:count])
+
+
+def run_python(code: str) -> str:
+    """Run `code` in a fresh Python without MKL_CBWR in its environment and return what it prints."""
+    environment = {name: value for name, value in os.environ.items() if name != "MKL_CBWR"}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+#: prints (keys, row) for each row of a batched bfloat16 SDPA call that differs from the same row computed alone
+ATTENTION_CHECK = """
+import torch
+import torch.nn.functional as F
+generator = torch.Generator().manual_seed(0)
+differing = []
+for width in range(32, 1025, 32):
+    queries = torch.randn(16, 3, 3, 64, generator=generator).to(torch.bfloat16)
+    keys = (torch.randn(16, 3, width, 64, generator=generator) * 2).to(torch.bfloat16)
+    values = torch.randn(16, 3, width, 64, generator=generator).to(torch.bfloat16)
+    mask = torch.zeros(16, 1, 1, width, dtype=torch.bfloat16)
+    mask[..., width - 5 :] = torch.finfo(torch.bfloat16).min
+    full = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=0.125)
+    for row in range(16):
+        alone_row = slice(row, row + 1)
+        alone = F.scaled_dot_product_attention(
+            queries[alone_row], keys[alone_row], values[alone_row], attn_mask=mask[alone_row], scale=0.125
+        )
+        if not torch.equal(alone[0], full[row]):
+            differing.append((width, row))
+print(differing)
+"""
+
+
+@pytest.mark.skipif(batch_invariant.mkl_mode_functions() is None, reason="MKL's mode functions are not reachable")
+def test_strict_mkl_fresh_process():
+    # Before MKL's first call, msd switches it to strict mode. Then each row of batched attention matches the row
+    # alone. On a Zen 4 CPU in MKL's default mode, row 15 at 288 keys differed.
+    printed = run_python(
+        "from msd.targets.batch_invariant import MKL_CBWR_ALL, enable_strict_mkl, mkl_mode_functions\n"
+        "print(enable_strict_mkl(), mkl_mode_functions()[0](MKL_CBWR_ALL) & 0x10000)\n" + ATTENTION_CHECK
+    )
+    assert printed.splitlines() == ["True 65536", "[]"]
+
+
+@pytest.mark.skipif(batch_invariant.mkl_mode_functions() is None, reason="MKL's mode functions are not reachable")
+def test_strict_mkl_too_late():
+    # After a float32 product has started MKL in its default mode, the switch fails and returns False.
+    printed = run_python(
+        "import torch\ntorch.randn(8, 8) @ torch.randn(8, 8)\n"
+        "from msd.targets.batch_invariant import enable_strict_mkl\nprint(enable_strict_mkl())"
+    )
+    assert printed == "False"
+
+
+def test_cli_sets_mkl_cbwr(monkeypatch):
+    # The msd command sets MKL_CBWR=AUTO,STRICT in the environment before its subcommands run.
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    main(["embedded", "options"])
+    assert os.environ["MKL_CBWR"] == "AUTO,STRICT"
 
 
 def test_switch_needs_strict_mkl(monkeypatch):
     # When MKL already runs in another mode, the switch raises an error that names the environment setting.
-    monkeypatch.setattr(batch_invariant, "strict_mkl", lambda: False)
+    monkeypatch.setattr(batch_invariant, "enable_strict_mkl", lambda: False)
     model, _ = build_llava(seed=3, dtype=torch.bfloat16)
     with pytest.raises(MSDError, match="MKL_CBWR=AUTO,STRICT"):
         use_batch_invariant_kernels(adapter_for(model))

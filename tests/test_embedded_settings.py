@@ -12,6 +12,7 @@ from msd.targets import batch_invariant
 def test_options_follow_cpu_support(native_bf16, monkeypatch, capsys):
     # With native bfloat16 the tree fits the batch-invariant kernels' row block; otherwise float32 and a short chain.
     monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": native_bf16)
+    monkeypatch.setattr(settings, "has_native_bfloat16", lambda: native_bf16)
     monkeypatch.setattr(settings, "has_amx", lambda: True)
     assert main(["embedded", "options"]) == 0
     printed = capsys.readouterr().out.split()
@@ -27,6 +28,7 @@ def test_options_follow_cpu_support(native_bf16, monkeypatch, capsys):
 def test_no_amx_smaller_tree(monkeypatch, capsys):
     # AVX-512 BF16 without AMX tiles still runs bfloat16, with the smaller tree measured there.
     monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": True)
+    monkeypatch.setattr(settings, "has_native_bfloat16", lambda: True)
     monkeypatch.setattr(settings, "has_amx", lambda: False)
     main(["embedded", "options"])
     printed = capsys.readouterr().out.split()
@@ -41,3 +43,11 @@ def test_later_options_override(capsys):
     printed = capsys.readouterr().out.split()
     arguments = build_parser().parse_args(["generate", "--target", "t", "--prompt", "p", *printed, "--total-tokens", "2"])
     assert tree_from(arguments).total_tokens == 2
+
+
+def test_emulated_bfloat16_gets_float32(monkeypatch, capsys):
+    # oneDNN emulates bfloat16 on AVX-512 CPUs without BF16 instructions, where float32 is faster, so float32 stays.
+    monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": True)
+    monkeypatch.setattr(settings, "has_native_bfloat16", lambda: False)
+    main(["embedded", "options"])
+    assert tuple(capsys.readouterr().out.split()) == settings.FLOAT32_OPTIONS

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 # Before PyTorch first calls MKL: bfloat16 tree verification needs its strict reproducible mode
-# (msd.targets.batch_invariant.strict_mkl), and this script may run float32 products first.
+# (msd.targets.batch_invariant.enable_strict_mkl), and this script may run float32 products first.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch

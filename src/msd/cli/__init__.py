@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Strict reproducible MKL before PyTorch first calls it: bfloat16 tree verification needs it
-    # (`msd.targets.batch_invariant.strict_mkl`). A value the user set wins.
+    # Strict reproducible MKL before PyTorch first calls it, which bfloat16 tree verification needs
+    # (`msd.targets.batch_invariant.enable_strict_mkl`). A value the user set stays, but loading a bfloat16 target
+    # still switches MKL to strict mode.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -27,7 +27,8 @@ Two replacements make every decoding forward of at most `ROWS` tokens batch-inva
   would have as the last token of plain decoding, and the hidden keys add exact zeros. The layout is built once per
   forward (`key_layout`) and shared by all layers. The query heads that share a key-value head form that head's query
   rows, so one SDPA call covers all heads of all rows. PyTorch's attention kernel multiplies through MKL, which must
-  run in strict reproducible mode (`strict_mkl`): otherwise a row's result can depend on the thread computing it.
+  run in strict reproducible mode (`enable_strict_mkl`): otherwise a row's result can depend on the thread computing
+  it.
 
 Forwards of more than `ROWS` tokens after the prompt would not be invariant, so `SpeculativeGenerator` rejects trees
 above `ROWS` nodes on a target using these kernels. The reordered weights are a second copy next to the originals,
@@ -47,8 +48,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from pathlib import Path
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,7 +76,8 @@ ATTENTION_NAME = "msd_batch_invariant"
 
 
 def supported(device: torch.device | str = "cpu") -> bool:
-    """True on a CPU whose oneDNN build runs bfloat16 matrix products natively (AVX-512 BF16 or AMX)."""
+    """True on a CPU where oneDNN runs bfloat16 matrix products: natively with AVX-512 BF16 or AMX, emulated on other
+    AVX-512 CPUs (slower than float32 there)."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -124,8 +127,10 @@ class InvariantLinear(nn.Module):
         )
 
 
-#: random inputs per weight shape in `rows_independent`
+#: random inputs per weight shape in `rows_independent`, at least; layers with few outputs get more
 CHECK_TRIALS = 4
+#: output values per row count that `rows_independent` compares, at least, over all its trials
+CHECK_VALUES = 2048
 
 
 def random_rows(count: int, features: int, generator: torch.Generator) -> torch.Tensor:
@@ -142,17 +147,21 @@ def rows_independent(layer: InvariantLinear, padded: bool = False) -> bool:
     a one-row forward. padded: check the padded path instead, where every product has `layer.rows` rows and a token
     alone sits in row 0. oneDNN picks its kernel from the shapes, not the values, but a changed summation order
     changes a bfloat16 result only when it crosses a rounding boundary, so the check runs `CHECK_TRIALS` random
-    inputs and compares every row. On a Zen 4 CPU (AVX-512 BF16, no AMX), rows 2 and up of products of 3 or more
-    rows with 1,536 input features differed from the same rows alone, while the first two rows always matched.
+    inputs and compares every row. On a Zen 4 CPU (AVX-512 BF16, no AMX), with 1,536 input features, oneDNN's one-row
+    product rounded differently from its products of 2 to 16 rows, which agreed with each other. A single Gaussian
+    input, as an earlier version of this check used, passed that shape for 4 of 5 random weights.
+
+    NOTE: the check is statistical. A kernel that changes a row's rounding only for rare inputs can pass it.
     """
     generator = torch.Generator().manual_seed(0)
+    trials = max(CHECK_TRIALS, -(-CHECK_VALUES // layer.out_features))
 
     def product(rows: torch.Tensor) -> torch.Tensor:
         if padded:
             rows = F.pad(rows, (0, 0, 0, layer.rows - rows.shape[0]))
-        return layer.product(rows)[: layer.rows]
+        return layer.product(rows)
 
-    for _ in range(CHECK_TRIALS):
+    for _ in range(trials):
         inputs = random_rows(layer.rows, layer.in_features, generator).to(layer.weight.dtype)
         alone = torch.cat([product(inputs[row : row + 1])[:1] for row in range(layer.rows)])  # (rows, out)
         for count in range(2, layer.rows + 1):
@@ -189,29 +198,54 @@ def skip_padding_where_exact(layers: list[InvariantLinear]) -> int:
     return turned_off
 
 
-#: MKL's conditional numerical reproducibility codes (mkl_cbwr_set in MKL's service functions)
+#: MKL's conditional numerical reproducibility codes (mkl_cbwr_get and mkl_cbwr_set in MKL's service functions)
 MKL_CBWR_AUTO = 2
 MKL_CBWR_STRICT = 0x10000
 MKL_CBWR_ALL = -1
 MKL_CBWR_SUCCESS = 0
 
 
-def strict_mkl() -> bool | None:
-    """Switch the MKL linked into PyTorch to strict reproducible mode where possible, and return whether it runs so.
+def mkl_mode_functions() -> tuple | None:
+    """Return MKL's functions that read and set its reproducibility mode, or None where they cannot be found.
+
+    PyTorch links MKL into libtorch_cpu and exports its service functions under their internal names
+    (`mkl_serv_cbwr_get` and `mkl_serv_cbwr_set`, both int(int)), checked on Linux builds of torch 2.13.
+    """
+    try:
+        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        functions = library.mkl_serv_cbwr_get, library.mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return None
+    for function in functions:
+        function.argtypes = [ctypes.c_int]
+        function.restype = ctypes.c_int
+    return functions
+
+
+def enable_strict_mkl() -> bool | None:
+    """Switch the MKL inside PyTorch to strict reproducible mode where possible, and return whether it runs so.
 
     PyTorch's CPU attention kernel multiplies through MKL from a scratch buffer per thread. Outside strict mode MKL
     may round differently by the buffer's memory alignment, so a tree node and the same token in plain decoding,
     computed on different threads, can differ in one element (seen on Zen 4 with AVX-512 BF16). MKL takes the mode
-    only before its first call: from the environment (MKL_CBWR=AUTO,STRICT) or from this function. Returns None
-    when this PyTorch has no MKL.
+    only before its first call: from the environment (MKL_CBWR=AUTO,STRICT) or from this function. A mode set
+    in the environment without STRICT is replaced while MKL has not run. Returns None when this PyTorch has no MKL,
+    or when msd cannot reach MKL's mode functions and the environment does not ask for strict mode (with a warning).
     """
-    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    try:
-        mkl = ctypes.CDLL(str(library))
-        get, set_mode = mkl.mkl_serv_cbwr_get, mkl.mkl_serv_cbwr_set
-    except (OSError, AttributeError):
+    if not torch.backends.mkl.is_available():
         return None
-    if get(MKL_CBWR_ALL) & MKL_CBWR_STRICT:
+    functions = mkl_mode_functions()
+    if functions is None:
+        if "STRICT" in os.environ.get("MKL_CBWR", "").upper():
+            return True
+        logger.warning(
+            "cannot check MKL's reproducibility mode in this PyTorch build; set MKL_CBWR=AUTO,STRICT before "
+            "starting Python, or bfloat16 trees may not match plain decoding bit for bit"
+        )
+        return None
+    get, set_mode = functions
+    mode = get(MKL_CBWR_ALL)
+    if mode >= 0 and mode & MKL_CBWR_STRICT:
         return True
     return set_mode(MKL_CBWR_AUTO | MKL_CBWR_STRICT) == MKL_CBWR_SUCCESS
 
@@ -310,13 +344,20 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 def pack_linear_layers(module: nn.Module, pad: bool = True) -> list[InvariantLinear]:
     """Replace every `nn.Linear` inside `module` by an `InvariantLinear`, in place, and return the new layers."""
-    layers = []
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                layers.append(InvariantLinear(child, pad=pad))
-                setattr(parent, name, layers[-1])
-    return layers
+    replacements = invariant_replacements(module, pad)
+    for parent, name, layer in replacements:
+        setattr(parent, name, layer)
+    return [layer for _, _, layer in replacements]
+
+
+def invariant_replacements(module: nn.Module, pad: bool = True) -> list[tuple[nn.Module, str, InvariantLinear]]:
+    """Return (parent, attribute name, `InvariantLinear`) for every `nn.Linear` inside `module`, replacing none."""
+    return [
+        (parent, name, InvariantLinear(child, pad=pad))
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
 
 
 def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
@@ -328,20 +369,25 @@ def use_batch_invariant_kernels(target: "TargetAdapter") -> int:
     model = target.model
     if not supported(target.device):
         raise MSDError(
-            "batch-invariant bfloat16 kernels need a CPU with native bfloat16 support (AVX-512 BF16 or AMX). "
-            "Load the target in float32 instead (--dtype float32)."
+            "batch-invariant bfloat16 kernels need a CPU where oneDNN runs bfloat16 products (AVX-512, AVX-512 BF16 "
+            "or AMX). Load the target in float32 instead (--dtype float32)."
         )
-    if strict_mkl() is False:
+    if enable_strict_mkl() is False:
         raise MSDError(
             "batch-invariant bfloat16 kernels need MKL's strict reproducible mode, and MKL already ran in another "
             "mode in this process. Start Python with MKL_CBWR=AUTO,STRICT in the environment, or load the target "
-            "before any other PyTorch computation. The msd command does this itself."
+            "before any other PyTorch computation (the msd command sets MKL_CBWR itself)."
         )
-    layers = pack_linear_layers(target.language_model)
-    if type(model.get_output_embeddings()) is nn.Linear:
-        layers.append(InvariantLinear(model.get_output_embeddings()))
+    replacements = invariant_replacements(target.language_model)
+    layers = [layer for _, _, layer in replacements]
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:
+        layers.append(InvariantLinear(head))
+    unpadded = skip_padding_where_exact(layers)  # raises before the model changes when a shape cannot be exact
+    for parent, name, layer in replacements:
+        setattr(parent, name, layer)
+    if type(head) is nn.Linear:
         model.set_output_embeddings(layers[-1])
-    unpadded = skip_padding_where_exact(layers)
     model.set_attn_implementation({"text_config": ATTENTION_NAME})
     target.max_tree_tokens = ROWS
     logger.info(
