@@ -16,7 +16,12 @@ temperature (0 = greedy), top_p and top_k. At the end the model logs tau and, wh
 
 from __future__ import annotations
 
+import os
 import statistics
+
+# lmms-eval imports this module before it runs any model, so MKL has usually not started yet: ask for the strict
+# reproducible mode that bfloat16 tree verification needs (msd.targets.batch_invariant.enable_strict_mkl).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
 from lmms_eval.api.model import lmms
