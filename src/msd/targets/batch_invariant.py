@@ -146,8 +146,8 @@ def rows_independent(layer: InvariantLinear, padded: bool = False) -> bool:
     This is the property a tree node needs: it is row i of an n-row forward, and the same token in plain decoding is
     a one-row forward. padded: check the padded path instead, where every product has `layer.rows` rows and a token
     alone sits in row 0. oneDNN picks its kernel from the shapes, not the values, but a changed summation order
-    changes a bfloat16 result only when it crosses a rounding boundary, so the check runs `CHECK_TRIALS` random
-    inputs and compares every row. On a Zen 4 CPU (AVX-512 BF16, no AMX), with 1,536 input features, oneDNN's one-row
+    changes a bfloat16 result only when it crosses a rounding boundary, so the check runs at least `CHECK_TRIALS`
+    random inputs (enough for `CHECK_VALUES` outputs per row count) and compares every row. On a Zen 4 CPU (AVX-512 BF16, no AMX), with 1,536 input features, oneDNN's one-row
     product rounded differently from its products of 2 to 16 rows, which agreed with each other. A single Gaussian
     input, as an earlier version of this check used, passed that shape for 4 of 5 random weights.
 
