@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,44 @@ def test_generate_sampling(saved, capsys):
     assert "[plain] 5 tokens" in err
     assert "decoding 0." in err  # plain decoding drafts nothing, so its time is not called verification
     assert "verification" not in err
+
+
+def test_sampling_compare_reports_identity(saved, capsys):
+    # Under sampling, --compare still prints whether the outputs matched, with a note that a difference is allowed.
+    code = main([
+        "generate", "--target", str(saved / "target"), "--draft", str(saved / "draft"), "--image",
+        str(saved / "photo.png"), "--prompt", "What is it?", "--max-new-tokens", "5", "--temperature", "0.8",
+        "--seed", "3", "--no-stream", "--compare",
+    ])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert re.search(r"identical to plain decoding: (yes|no) \(when sampling", err)
+    assert "a difference is not an error" in err
+
+
+def test_empty_prompt_rejected(saved, capsys):
+    # A blank --prompt (say, an unset shell variable) stops before any model loads.
+    code = main(["generate", "--target", str(saved / "missing-target"), "--prompt", "  "])
+    assert code == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_plain_stats_without_acceptance(saved, capsys):
+    # Plain decoding drafts nothing, so its statistics line has no accepted length.
+    main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--max-new-tokens", "3", "--no-stream"])
+    err = capsys.readouterr().err
+    assert "[plain] 3 tokens" in err
+    assert "accepted length" not in err
+
+
+def test_float16_on_cpu_warns(saved, caplog):
+    # float16 on a CPU is slow and rounds verification differently, so loading warns and names the better dtypes.
+    code = main([
+        "generate", "--target", str(saved / "target"), "--prompt", "hi", "--max-new-tokens", "2", "--no-stream",
+        "--dtype", "float16",
+    ])
+    assert code == 0
+    assert "float16 on a CPU runs slowly" in caplog.text
 
 
 def test_missing_image_is_clear_error(saved, capsys):

@@ -181,6 +181,17 @@ def test_missing_weights_rejected(llava_family, tmp_path):
         DraftModel.from_pretrained(tmp_path / "draft")
 
 
+@pytest.mark.parametrize("kept_bytes", [100, None])
+def test_truncated_weights_rejected(llava_family, tmp_path, kept_bytes):
+    # A partial copy of the weights file (cut inside the header, or halfway) gives an error that names the file.
+    make_draft(llava_family.target).save_pretrained(tmp_path / "draft")
+    weights = tmp_path / "draft" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: kept_bytes or len(data) // 2])
+    with pytest.raises(MSDError, match="model.safetensors: the file is truncated or corrupt"):
+        DraftModel.from_pretrained(tmp_path / "draft")
+
+
 def sequential_logprobs(family, inputs, draft, path_tokens):
     """The draft's log-probs after drafting `path_tokens[1:]` one at a time from the root."""
     drafter = MSDDrafter(draft, family.target)

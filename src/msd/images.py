@@ -16,7 +16,10 @@ def load_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     if not path.exists():
-        raise MSDError(f"image file not found: {path}. Check the image path or the folder it is looked up in.")
+        raise MSDError(
+            f"image file not found: {path}. Check the path: a relative path starts from the current directory, or "
+            "from the image folder option of commands that have one."
+        )
     if not path.is_file():
         raise MSDError(f"image path is not a file: {path}.")
     # Some libraries (lmms-eval among them) set Pillow's process-wide LOAD_TRUNCATED_IMAGES on import, which would

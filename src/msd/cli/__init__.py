@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lossless speculative decoding for vision-language models with a multimodal draft.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only, without loading progress bars"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -42,10 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     # still switches MKL to strict mode.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     arguments = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if arguments.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.INFO
+    if arguments.verbose:
+        level = logging.DEBUG
+    elif arguments.quiet:
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if arguments.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return arguments.handler(arguments) or 0
     except MSDError as error:

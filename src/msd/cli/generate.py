@@ -83,6 +83,8 @@ def run(arguments: argparse.Namespace) -> int:
 
     if arguments.max_new_tokens < 1:
         raise MSDError(f"--max-new-tokens must be at least 1, got {arguments.max_new_tokens}")
+    if not arguments.prompt.strip():
+        raise MSDError("--prompt is empty. Pass the request as text, for example --prompt \"Describe this picture.\"")
     sampling = sampling_from(arguments)
     tree = tree_from(arguments)
     images = [load_image(path) for path in arguments.image]  # fail on a bad image before loading any model
@@ -135,7 +137,11 @@ def run(arguments: argparse.Namespace) -> int:
         identical = baseline.token_ids == output.token_ids
         print(f"speedup over plain decoding: {speedup:.2f}x (end to end, same process)", file=sys.stderr)
         if sampling.do_sample:
-            print("identical to plain decoding: not expected when sampling (same distribution)", file=sys.stderr)
+            print(
+                f"identical to plain decoding: {'yes' if identical else 'no'} (when sampling, msd keeps the target's "
+                "distribution, not its exact tokens, so a difference is not an error)",
+                file=sys.stderr,
+            )
         else:
             print(f"identical to plain decoding: {'yes' if identical else 'NO'}", file=sys.stderr)
         report["plain"] = baseline.stats.as_dict()
@@ -153,12 +159,13 @@ def _print_stats(label: str, stats) -> None:
     mean_accepted = sum(accepted) / len(accepted) if accepted else 0.0
     if label == "plain":  # every target forward decodes one token, and nothing is drafted
         phases = f"decoding {stats.verify_time:.2f} s"
+        acceptance = f"tau {stats.tau:.2f} tokens per target forward"
     else:
         phases = f"drafting {stats.draft_time:.2f} s, verification {stats.verify_time:.2f} s"
+        acceptance = f"tau {stats.tau:.2f} tokens per target forward, mean accepted length {mean_accepted:.2f}"
     print(
         f"[{label}] {stats.new_tokens} tokens in {stats.total_time:.2f} s ({stats.tokens_per_second:.1f} tokens/s); "
-        f"tau {stats.tau:.2f} tokens per target forward, mean accepted length {mean_accepted:.2f}; "
-        f"prefill {stats.prefill_time:.2f} s, {phases}; stopped by {stats.stop_reason}",
+        f"{acceptance}; prefill {stats.prefill_time:.2f} s, {phases}; stopped by {stats.stop_reason}",
         file=sys.stderr,
     )
 

@@ -27,7 +27,8 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weight dtype; auto keeps the checkpoint's (default auto). On CPUs without bf16 support use float32",
+        help="weight dtype; auto keeps the checkpoint's (default auto). On CPUs use bfloat16 where the CPU has "
+        "native bfloat16 (AVX-512 BF16 or AMX) and float32 elsewhere, not float16",
     )
     parser.add_argument("--device", default="cpu", help="torch device, for example cpu or cuda:0 (default cpu)")
     parser.add_argument(
@@ -35,10 +36,9 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         type=parse_cpu_linear_rows,
         default=AUTO,
         metavar="N|auto",
-        help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens. On a 2-core Zen 3 CPU this "
-        "made a 4-token verification forward cost about one plain step instead of 1.6, while on an Emerald Rapids "
-        "Xeon it made it 2-3x slower. auto times both products at load and picks N; 0 keeps PyTorch's layers "
-        "(default auto). Not used by bfloat16 targets on CPUs with native bfloat16, which get batch-invariant kernels",
+        help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens, which speeds up "
+        "few-token forwards on some CPUs and slows them on others (README). auto times both products at load and "
+        "picks N, 0 keeps PyTorch's layers (default auto). bfloat16 targets with batch-invariant kernels ignore it",
     )
 
 
@@ -85,10 +85,9 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         "--total-tokens",
         type=int,
         default=None,
-        help="tree size in tokens, root included: the tokens the target verifies per forward (default 48, sized for "
-        "GPUs, or 16 on a bfloat16 target with batch-invariant CPU kernels, which verify at most 16 tokens exactly; "
-        "on CPUs small trees such as --depth 2 --tree-top-k 1 --total-tokens 3 do better in float32, and msd bench "
-        "--tune-tree picks one by measurement; msd embedded options prints the setting for the default model)",
+        help="tree size in tokens, root included: the tokens the target verifies per forward. Default 48, sized for "
+        "GPUs, or 16 (the most they verify exactly) on a bfloat16 target with batch-invariant CPU kernels. CPUs do "
+        "better with small trees: msd bench --tune-tree picks one by measurement",
     )
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -203,7 +204,13 @@ class DraftModel(nn.Module):
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
             raise MSDError(f"no draft weights at {weights}")
-        state = rename_legacy_weights(load_file(str(weights)))
+        try:
+            state = rename_legacy_weights(load_file(str(weights)))
+        except (SafetensorError, OSError) as error:
+            raise MSDError(
+                f"cannot read the draft weights in {weights}: the file is truncated or corrupt ({error}). Copy the "
+                "draft folder again, or save it again with msd train or msd convert."
+            ) from None
         try:
             model = cls(config)
         except (ValueError, TypeError, KeyError, StrictDataclassError) as error:  # transformers rejected it

@@ -85,6 +85,11 @@ def load_target(
     adapter = adapter_for(model, processor)
     if model.device.type != "cpu":
         return adapter
+    if model.dtype == torch.float16:
+        logger.warning(
+            "float16 on a CPU runs slowly and its verification forwards round differently from plain decoding. "
+            "Use bfloat16 on CPUs with native bfloat16 (msd embedded options prints the setting), float32 elsewhere."
+        )
     if invariant_kernels and model.dtype == torch.bfloat16 and batch_invariant.supported(model.device):
         batch_invariant.use_batch_invariant_kernels(adapter)
         if cpu_linear_rows not in (AUTO, 0):

@@ -194,7 +194,7 @@ def skip_padding_where_exact(layers: list[InvariantLinear]) -> int:
             turned_off += 1
     padded = sorted(f"{rows}x{columns}" for (rows, columns, _), exact in verdicts.items() if not exact)
     if padded:
-        logger.info("padding decoding forwards to %d rows for weight shapes %s", ROWS, ", ".join(padded))
+        logger.debug("padding decoding forwards to %d rows for weight shapes %s", ROWS, ", ".join(padded))
     return turned_off
 
 
