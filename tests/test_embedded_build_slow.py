@@ -1,10 +1,11 @@
-"""Building the real default target from the installed weight packages (opt-in: MSD_SLOW_TESTS=1, about a minute)."""
+"""The real default target built from the installed weight packages (opt-in: MSD_SLOW_TESTS=1, a few minutes)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from msd.embedded.build import build_default_target
 from msd.embedded.cache import is_current
 from msd.images import load_image
 from msd.prompts import build_inputs
-from msd.targets import load_target
+from msd.targets import batch_invariant, load_target
+from msd.targets.base import truncate_cache
 from tiny_models import random_image
 
 pytestmark = [
@@ -26,8 +28,14 @@ pytestmark = [
 ]
 
 
-def test_default_target_builds_and_answers(tmp_path):
-    folder = build_default_target(tmp_path / "default-target")
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The default target, built once for this module."""
+    return build_default_target(tmp_path_factory.mktemp("embedded") / "default-target")
+
+
+def test_default_target_builds_and_answers(built, tmp_path):
+    folder = built
     recipe = json.loads((folder / "msd-recipe.json").read_text())
     assert is_current(folder, recipe)
     assert build_default_target(folder) == folder
@@ -45,3 +53,38 @@ def test_default_target_builds_and_answers(tmp_path):
         text_only = build_inputs(target.processor, "What is the capital of France? Answer in one word.", [])
         answer = SpeculativeGenerator(target, None).generate(text_only, max_new_tokens=8).text
     assert "Paris" in answer
+
+
+@pytest.mark.skipif(not batch_invariant.supported(), reason="this CPU has no bfloat16 support in oneDNN")
+def test_real_tree_nodes_match_paths(built):
+    # On the real target in bfloat16, each node of random trees gets the logits of its path decoded one token at a
+    # time, bit for bit. This caught two CPU-specific rounding differences that the tiny models did not show.
+    target = load_target(built, dtype="bfloat16")
+    rng = random.Random(0)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    inputs = build_inputs(target.processor, "Write a short paragraph about the history of the bicycle.", [])
+    prefill, state = target.prefill(inputs)
+    token = int(prefill.logits.argmax())
+    for _ in range(rng.randint(20, 40)):  # a cache length that is not a multiple of the key block
+        logits, _ = target.forward_tree(state, torch.tensor([token]), torch.tensor([0]), one)
+        token = int(logits[0].float().argmax())
+    base = state.length
+    for size in (3, 7, 10, 12, 16):
+        parents = [-1] + [rng.randrange(node) for node in range(1, size)]
+        tokens = [token] + [rng.randrange(1000, 30000) for _ in range(size - 1)]
+        visible = torch.zeros(size, size, dtype=torch.bool)
+        for node in range(size):
+            ancestor = node
+            while ancestor >= 0:
+                visible[node, ancestor] = True
+                ancestor = parents[ancestor]
+        depths = visible.sum(-1) - 1
+        tree_logits, _ = target.forward_tree(state, torch.tensor(tokens), depths, visible)
+        for node in range(size):
+            truncate_cache(state.cache, base)
+            state.length = base
+            for step in visible[node].nonzero().flatten().tolist():
+                path_logits, _ = target.forward_tree(state, torch.tensor([tokens[step]]), torch.tensor([0]), one)
+            assert torch.equal(path_logits[0], tree_logits[node]), f"node {node} of a {size}-node tree"
+        truncate_cache(state.cache, base)
+        state.length = base

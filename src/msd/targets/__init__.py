@@ -87,7 +87,7 @@ def load_target(
         return adapter
     if model.dtype == torch.float16:
         logger.warning(
-            "float16 on a CPU runs slowly and its verification forwards round differently from plain decoding. "
+            "float16 on a CPU runs slowly, and its verification forwards may round differently from plain decoding. "
             "Use bfloat16 on CPUs with native bfloat16 (msd embedded options prints the setting), float32 elsewhere."
         )
     if invariant_kernels and model.dtype == torch.bfloat16 and batch_invariant.supported(model.device):
