@@ -61,12 +61,12 @@ def test_real_tree_nodes_match_paths(built):
     # time, bit for bit. This caught two CPU-specific rounding differences that the tiny models did not show.
     target = load_target(built, dtype="bfloat16")
     rng = random.Random(0)
-    one = torch.ones(1, 1, dtype=torch.bool)
+    single = torch.ones(1, 1, dtype=torch.bool)  # the ancestor mask of a one-token forward
     inputs = build_inputs(target.processor, "Write a short paragraph about the history of the bicycle.", [])
     prefill, state = target.prefill(inputs)
     token = int(prefill.logits.argmax())
     for _ in range(rng.randint(20, 40)):  # a cache length that is not a multiple of the key block
-        logits, _ = target.forward_tree(state, torch.tensor([token]), torch.tensor([0]), one)
+        logits, _ = target.forward_tree(state, torch.tensor([token]), torch.tensor([0]), single)
         token = int(logits[0].float().argmax())
     base = state.length
     for size in (3, 7, 10, 12, 16):
@@ -84,7 +84,7 @@ def test_real_tree_nodes_match_paths(built):
             truncate_cache(state.cache, base)
             state.length = base
             for step in visible[node].nonzero().flatten().tolist():
-                path_logits, _ = target.forward_tree(state, torch.tensor([tokens[step]]), torch.tensor([0]), one)
+                path_logits, _ = target.forward_tree(state, torch.tensor([tokens[step]]), torch.tensor([0]), single)
             assert torch.equal(path_logits[0], tree_logits[node]), f"node {node} of a {size}-node tree"
         truncate_cache(state.cache, base)
         state.length = base
