@@ -4,17 +4,17 @@ float64 keeps the tree forward's rounding differences (about 1e-7 in float32) fa
 logits, so a greedy comparison token for token cannot fail on a near-tie.
 """
 
-import os
-
-# The test process multiplies on the CPU long before the bfloat16 tests load their targets, so MKL's strict
-# reproducible mode (needed by msd.targets.batch_invariant) has to be in place before its first call.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-
 import pytest
 import torch
 
 from msd.targets import adapter_for
+from msd.targets.batch_invariant import request_strict_mkl
 from tiny_models import TinyQwen2VL, build_llava, llava_inputs, random_image
+
+
+# The test process multiplies on the CPU long before the bfloat16 tests load their targets, so MKL's strict
+# reproducible mode has to be requested before its first call.
+request_strict_mkl()
 
 
 class Family:

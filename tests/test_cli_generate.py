@@ -94,7 +94,7 @@ def test_plain_stats_without_acceptance(saved, capsys):
 
 
 def test_float16_on_cpu_warns(saved, caplog):
-    # float16 on a CPU is slow and rounds verification differently, so loading warns and names the better dtypes.
+    # float16 on a CPU is slow and may round verification differently, so loading warns and names the better dtypes.
     code = main([
         "generate", "--target", str(saved / "target"), "--prompt", "hi", "--max-new-tokens", "2", "--no-stream",
         "--dtype", "float16",

@@ -1,4 +1,4 @@
-"""The real default target built from the installed weight packages (opt-in: MSD_SLOW_TESTS=1, a few minutes)."""
+"""The real default target built from the installed weight packages (opt-in: MSD_SLOW_TESTS=1, about a minute)."""
 
 from __future__ import annotations
 

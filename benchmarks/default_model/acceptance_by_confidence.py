@@ -19,13 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-
-# Before PyTorch first calls MKL: bfloat16 tree verification needs its strict reproducible mode
-# (msd.targets.batch_invariant.enable_strict_mkl), and this script may run float32 products first.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
 
@@ -36,6 +31,7 @@ from msd.errors import MSDError
 from msd.evaluate.samples import load_llava_file
 from msd.prompts import build_inputs
 from msd.targets import load_target
+from msd.targets.batch_invariant import request_strict_mkl
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +118,7 @@ def positive_int(text: str) -> int:
 
 
 def main() -> None:
+    request_strict_mkl()  # this script may multiply in float32 before it loads a bfloat16 target
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="target folder")
     parser.add_argument("--draft", required=True, help="draft folder")

@@ -22,14 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
-
-# Before PyTorch first calls MKL: bfloat16 tree verification needs its strict reproducible mode
-# (msd.targets.batch_invariant.enable_strict_mkl), and this script may run float32 products first.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
 
@@ -39,6 +34,7 @@ from msd.draft import DraftModel
 from msd.images import load_image
 from msd.prompts import build_inputs
 from msd.targets import batch_invariant, load_target
+from msd.targets.batch_invariant import request_strict_mkl
 from msd.targets.base import truncate_cache
 
 logger = logging.getLogger(__name__)
@@ -131,6 +127,7 @@ def markdown(costs: dict[str, dict[int, float]], cycles: list[dict], context: st
 
 
 def main() -> None:
+    request_strict_mkl()  # this script may multiply in float32 before it loads a bfloat16 target
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="target folder")
     parser.add_argument("--draft", required=True, help="draft folder")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from msd.errors import MSDError
@@ -40,10 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Strict reproducible MKL before PyTorch first calls it, which bfloat16 tree verification needs
-    # (`msd.targets.batch_invariant.enable_strict_mkl`). A value the user set stays, but loading a bfloat16 target
-    # still switches MKL to strict mode.
-    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    from msd.targets.batch_invariant import request_strict_mkl
+
+    request_strict_mkl()  # before any subcommand multiplies: bfloat16 tree verification needs it
     arguments = build_parser().parse_args(argv)
     level = logging.INFO
     if arguments.verbose:

@@ -16,12 +16,7 @@ temperature (0 = greedy), top_p and top_k. At the end the model logs tau and, wh
 
 from __future__ import annotations
 
-import os
 import statistics
-
-# lmms-eval imports this module before it runs any model, so MKL has usually not started yet: ask for the strict
-# reproducible mode that bfloat16 tree verification needs (msd.targets.batch_invariant.enable_strict_mkl).
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
 from lmms_eval.api.model import lmms
@@ -33,6 +28,10 @@ from msd.draft import DraftModel
 from msd.errors import MSDError
 from msd.prompts import build_inputs
 from msd.targets import load_target
+from msd.targets.batch_invariant import request_strict_mkl
+
+# lmms-eval imports this module before it runs a model, so MKL has usually not started yet.
+request_strict_mkl()
 
 DEFAULT_MAX_NEW_TOKENS = 128
 TRUE_WORDS = ("1", "true", "yes")

@@ -18,9 +18,9 @@ Two replacements make every decoding forward of at most `ROWS` tokens batch-inva
   At load, `skip_padding_where_exact` multiplies random rows by each weight shape in every count from 1 to `ROWS`.
   Shapes that give every row the bits it gets alone run unpadded. The others zero-pad an input of fewer rows to
   exactly `ROWS` rows, so every decoding forward runs one kernel on one shape. On the Xeon below no shape needed
-  padding, and unpadded one-token forwards cost about a tenth less. On a Zen 4 CPU the MLP's down projection
-  (1,536 inputs) needed it. Longer inputs (prompts) run unpadded: plain decoding, speculative decoding and
-  transformers' `generate` all prefill the same way.
+  padding under an earlier, weaker version of the check, and unpadded one-token forwards cost about a tenth less. On a
+  Zen 4 CPU the MLP's down projection (1,536 inputs) needed it. Longer inputs (prompts) run unpadded: plain decoding,
+  speculative decoding and transformers' `generate` all prefill the same way.
 - `invariant_attention` (registered with transformers as `ATTENTION_NAME`): each query row gets its own batch entry
   with one query. Its keys are gathered in cache order (the cached prefix, then its tree ancestors and itself) and
   padded to a multiple of `KEY_BLOCK` keys that the mask hides. A tree node therefore attends over the key layout it
@@ -145,11 +145,12 @@ def rows_independent(layer: InvariantLinear, padded: bool = False) -> bool:
 
     This is the property a tree node needs: it is row i of an n-row forward, and the same token in plain decoding is
     a one-row forward. padded: check the padded path instead, where every product has `layer.rows` rows and a token
-    alone sits in row 0. oneDNN picks its kernel from the shapes, not the values, but a changed summation order
-    changes a bfloat16 result only when it crosses a rounding boundary, so the check runs at least `CHECK_TRIALS`
-    random inputs (enough for `CHECK_VALUES` outputs per row count) and compares every row. On a Zen 4 CPU (AVX-512 BF16, no AMX), with 1,536 input features, oneDNN's one-row
-    product rounded differently from its products of 2 to 16 rows, which agreed with each other. A single Gaussian
-    input, as an earlier version of this check used, passed that shape for 4 of 5 random weights.
+    alone sits in row 0. oneDNN picks its kernel from the shapes, not the values. But a changed summation order
+    changes a bfloat16 result only when it crosses a rounding boundary. So the check compares every row over at least
+    `CHECK_TRIALS` random inputs, enough for `CHECK_VALUES` outputs per row count. On a Zen 4 CPU (AVX-512 BF16, no
+    AMX), with 1,536 input features, oneDNN's one-row product rounded differently from its products of 2 to 16 rows,
+    which agreed with each other. A single Gaussian input, as an earlier version of this check used, passed that shape
+    for 4 of 5 random weights.
 
     NOTE: the check is statistical. A kernel that changes a row's rounding only for rare inputs can pass it.
     """
@@ -185,9 +186,9 @@ def skip_padding_where_exact(layers: list[InvariantLinear]) -> int:
             verdicts[shape] = rows_independent(layer)
             if not verdicts[shape] and not rows_independent(layer, padded=True):
                 raise MSDError(
-                    f"this CPU's bfloat16 matrix kernels round a row differently with its neighbours for weight "
-                    f"shape {layer.out_features}x{layer.in_features}, even padded to {layer.rows} rows, so trees "
-                    "cannot be verified exactly. Load the target in float32 (--dtype float32)."
+                    f"this CPU's bfloat16 matrix kernels round a row differently depending on the other rows for "
+                    f"weight shape {layer.out_features}x{layer.in_features}, even padded to {layer.rows} rows, so "
+                    "trees cannot be verified exactly. Load the target in float32 (--dtype float32)."
                 )
         if verdicts[shape]:
             layer.pad = False
@@ -203,6 +204,18 @@ MKL_CBWR_AUTO = 2
 MKL_CBWR_STRICT = 0x10000
 MKL_CBWR_ALL = -1
 MKL_CBWR_SUCCESS = 0
+#: the MKL_CBWR environment value that selects strict reproducible mode
+STRICT_MKL_SETTING = "AUTO,STRICT"
+
+
+def request_strict_mkl() -> None:
+    """Ask for MKL's strict reproducible mode in the environment, unless MKL_CBWR is already set.
+
+    MKL reads the variable at its first call, so this works any time before the first PyTorch product, and child
+    processes inherit it. Loading a bfloat16 target switches MKL itself when MKL has not run yet
+    (`enable_strict_mkl`), so this call matters in processes that multiply in float32 first.
+    """
+    os.environ.setdefault("MKL_CBWR", STRICT_MKL_SETTING)
 
 
 def mkl_mode_functions() -> tuple | None:
