@@ -10,9 +10,8 @@ BIN := $(VENV)/bin
 DEMO_DRAFT ?= src/msd/embedded/weights/draft
 DEMO_IMAGES ?= chelsea astronaut rocket
 DEMO_PROMPT ?= Describe this picture in a few sentences.
-# The dtype and tree come from `msd embedded options` (bfloat16 and a 12-token tree on CPUs with AMX, a 10-token tree
-# on other CPUs with native bfloat16, float32 and a 3-token chain elsewhere); options here come after them and
-# override them.
+# The dtype and tree come from `msd embedded options` (bfloat16 and a 10-token tree on CPUs with native bfloat16,
+# float32 and a 3-token chain elsewhere). Options here come after them and override them.
 DEMO_OPTIONS ?= --max-new-tokens 96
 
 # The benchmark behind BENCHMARKS.md: the default target and draft on held-out prompts, side by side with plain

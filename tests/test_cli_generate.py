@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from msd.cli import main
-from msd.cli.options import tree_argument
+from msd.cli import build_parser, main
+from msd.cli.options import tree_argument, tree_from
 from msd.decoding import TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.targets import adapter_for
@@ -146,6 +146,18 @@ def test_bad_tree_option_is_clear_error(saved, capsys):
     code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--depth", "0"])
     assert code == 2
     assert "depth must be at least 1" in capsys.readouterr().err
+
+
+def test_negative_lookup_tokens_rejected(saved, capsys):
+    code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--lookup-tokens", "-1"])
+    assert code == 2
+    assert "lookup_tokens must be 0 (off) or positive, got -1" in capsys.readouterr().err
+
+
+def test_lookup_tokens_reach_tree():
+    # --lookup-tokens sets the tree's lookup budget, and 0 turns the lookup off.
+    arguments = build_parser().parse_args(["generate", "--target", "t", "--prompt", "p", "--lookup-tokens", "0"])
+    assert tree_from(arguments).lookup_tokens == 0
 
 
 def test_draft_for_other_target_is_clear_error(saved, tmp_path, capsys):

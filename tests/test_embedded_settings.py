@@ -1,6 +1,7 @@
 """`msd embedded options`: the dtype and tree for the default model on this CPU, as generate/bench options."""
 
 import pytest
+import torch
 
 from msd.cli import build_parser, main
 from msd.cli.options import tree_from
@@ -13,7 +14,6 @@ def test_options_follow_cpu_support(native_bf16, monkeypatch, capsys):
     # With native bfloat16 the tree fits the batch-invariant kernels' row block; otherwise float32 and a short chain.
     monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": native_bf16)
     monkeypatch.setattr(settings, "has_native_bfloat16", lambda: native_bf16)
-    monkeypatch.setattr(settings, "has_amx", lambda: True)
     assert main(["embedded", "options"]) == 0
     printed = capsys.readouterr().out.split()
     expected = settings.BFLOAT16_OPTIONS if native_bf16 else settings.FLOAT32_OPTIONS
@@ -25,16 +25,17 @@ def test_options_follow_cpu_support(native_bf16, monkeypatch, capsys):
     assert tree.total_tokens <= batch_invariant.ROWS
 
 
-def test_no_amx_smaller_tree(monkeypatch, capsys):
-    # AVX-512 BF16 without AMX tiles still runs bfloat16, with the smaller tree measured there.
+@pytest.mark.parametrize("amx", [True, False])
+def test_amx_keeps_same_tree(amx, monkeypatch, capsys):
+    # A CPU with AVX-512 BF16 runs bfloat16 with the same tree whether or not it has AMX tiles.
     monkeypatch.setattr(batch_invariant, "supported", lambda device="cpu": True)
-    monkeypatch.setattr(settings, "has_native_bfloat16", lambda: True)
-    monkeypatch.setattr(settings, "has_amx", lambda: False)
+    monkeypatch.setattr(settings, "has_amx", lambda: amx)
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is None:
+        pytest.skip("this torch build has no AVX-512 BF16 probe")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     main(["embedded", "options"])
-    printed = capsys.readouterr().out.split()
-    assert tuple(printed) == settings.NO_AMX_BFLOAT16_OPTIONS
-    arguments = build_parser().parse_args(["generate", "--target", "t", "--prompt", "p", *printed])
-    assert tree_from(arguments).total_tokens <= batch_invariant.ROWS
+    assert tuple(capsys.readouterr().out.split()) == settings.BFLOAT16_OPTIONS
 
 
 def test_later_options_override(capsys):

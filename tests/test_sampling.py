@@ -9,7 +9,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from msd.decoding import SamplingParams, SpeculativeGenerator, TokenChooser, TreeParams
+from msd.decoding import MSDDrafter, SamplingParams, SpeculativeGenerator, TokenChooser, TreeParams
+from msd.decoding import drafter as drafter_module
+from msd.decoding.lookup import NgramIndex
 from msd.draft import DraftConfig, DraftModel
 from msd.targets import adapter_for, batch_invariant
 from msd.targets.cpu_linear import use_small_batch_linears
@@ -128,6 +130,35 @@ def test_msd_drafter_sampling_matches_target(peaked):
     counts, accepted = sample_pairs(generator, inputs, params, seed=7)
     assert generator.drafter.vocabulary.added_count > 0  # the prompt's tokens were added
     assert accepted > 0  # some second tokens came from the draft's candidates
+    assert goodness_of_fit(counts, joint, SAMPLES) > 1e-3
+
+
+def test_grafted_tokens_sampling_matches_target(peaked, monkeypatch):
+    # Tokens grafted by the n-gram lookup keep sampling exact. Here the lookup proposes the most likely second token,
+    # and the draft's vocabulary contains the 4 least likely second tokens, so nearly every accepted token is grafted.
+    model, target, inputs = peaked
+    params = SamplingParams(do_sample=True, temperature=1.0)
+    joint = exact_joint(target, inputs, TokenChooser(params))
+    best_next = {}
+    for (first, second), probability in sorted(joint.items(), key=lambda item: item[1]):
+        best_next[first] = second  # ascending order: the most likely second token is written last
+
+    class BestNextIndex(NgramIndex):
+        def continuation(self, count):
+            return [best_next[self.tokens[-1]]][:count]
+
+    monkeypatch.setattr(drafter_module, "NgramIndex", BestNextIndex)
+    second_probability = torch.zeros(target.vocab_size)
+    for (_, second), probability in joint.items():
+        second_probability[second] += probability
+    own_ids = second_probability.argsort()[:4].tolist()
+    torch.manual_seed(5)
+    draft = DraftModel(DraftConfig.for_target(target, draft_vocab_size=len(own_ids)))
+    draft.draft_to_target.copy_(torch.tensor(own_ids))
+    drafter = MSDDrafter(draft, target, prompt_vocabulary=False)
+    generator = SpeculativeGenerator(target, drafter, TreeParams(depth=1, top_k=2, total_tokens=3, lookup_tokens=1))
+    counts, accepted = sample_pairs(generator, inputs, params, seed=11)
+    assert accepted > 0  # some second tokens were grafted candidates the target accepted
     assert goodness_of_fit(counts, joint, SAMPLES) > 1e-3
 
 

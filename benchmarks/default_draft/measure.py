@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ def measure(target, draft, cases, trees, max_new_tokens: int) -> list[dict]:
             results.append({
                 "input": name,
                 "tree": f"{tree.depth},{tree.top_k},{tree.total_tokens}",
+                "lookup_tokens": tree.lookup_tokens,
                 "tau": stats.tau,
                 "msd_tokens_per_s": stats.tokens_per_second,
                 "plain_tokens_per_s": plain.stats.tokens_per_second,
@@ -66,11 +68,11 @@ def measure(target, draft, cases, trees, max_new_tokens: int) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print("| input | depth,top-k,total | tau | msd tok/s | plain tok/s | speedup | identical | draft s | verify s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| input | depth,top-k,total | lookup | tau | msd tok/s | plain tok/s | speedup | identical | draft s | verify s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['input']} | {row['tree']} | {row['tau']:.2f} | {row['msd_tokens_per_s']:.1f} | "
+            f"| {row['input']} | {row['tree']} | {row['lookup_tokens']} | {row['tau']:.2f} | {row['msd_tokens_per_s']:.1f} | "
             f"{row['plain_tokens_per_s']:.1f} | {row['speedup']:.2f}x | {'yes' if row['identical'] else 'NO'} | "
             f"{row['draft_s']:.2f} | {row['verify_s']:.2f} |"
         )
@@ -93,6 +95,9 @@ def main() -> None:
     parser.add_argument("--text-prompts", type=int, default=3, help="held-out text prompts to use (default 3)")
     parser.add_argument("--trees", nargs="+", type=tree_argument, default=[TreeParams(4, 3, 10)],
                         help="tree settings as depth,top_k,total_tokens (default 4,3,10)")
+    parser.add_argument("--lookup-tokens", nargs="+", type=int, default=[TreeParams.lookup_tokens],
+                        help="n-gram lookup tokens per cycle to try with every tree; 0 turns the lookup off "
+                        f"(default {TreeParams.lookup_tokens})")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the target and the draft (default float32)")
@@ -112,7 +117,8 @@ def main() -> None:
             cases.append((f"text{index}", build_inputs(target.processor, prompt, [])))
     with torch.inference_mode():
         SpeculativeGenerator(target, None).generate(cases[0][1], max_new_tokens=4)  # warm-up
-        results = measure(target, draft, cases, args.trees, args.max_new_tokens)
+        trees = [replace(tree, lookup_tokens=count) for tree in args.trees for count in args.lookup_tokens]
+        results = measure(target, draft, cases, trees, args.max_new_tokens)
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -8,7 +8,8 @@ Each prompt is decoded with the draft (greedy, by default a chain of depth 2; --
 target's forward scores the root first. The softmax of that row gives the target's probability of the token it
 chooses next: its confidence. The first drafted token is accepted exactly when it equals that token. Cycles are
 grouped by confidence, and each group reports its share of cycles, how often the first drafted token was kept and how
-often the target's token lies outside a reduced draft vocabulary, where no draft proposal can match it.
+often the target's token lies outside a reduced draft vocabulary, where no draft proposal can match it. The n-gram
+lookup (`msd.decoding.lookup`) is off, so every proposal is the draft's.
 
 A low-confidence position is one where the target's top two tokens are close. The draft has to guess which of them a
 30-layer model ends up preferring from its last-layer feature one step earlier, which is where a small draft fails.
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,6 +61,7 @@ def measure(target, draft, samples, tree: TreeParams, max_new_tokens: int) -> li
     record_root_choice(target, choices)
     vocabulary = None if draft.draft_to_target is None else set(draft.draft_to_target.tolist())
     cycles = []
+    tree = replace(tree, lookup_tokens=0)  # the draft's own proposals only
     for sample in samples:
         choices.clear()
         output = SpeculativeGenerator(target, draft, tree).generate(

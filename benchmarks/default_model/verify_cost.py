@@ -8,7 +8,8 @@ and for each tree setting, where a decoding cycle's time goes and the best speed
 Terms. t(n) is the median time of `forward_tree` over n tokens appended to a cache of the prompt plus `--context`
 generated tokens. A plain decoding step is t(1). A tree of depth d has N nodes: the root (the last token already
 chosen) and N - 1 drafted tokens. One cycle drafts the tree, verifies its N tokens in one target forward and gains at
-most d + 1 tokens (d accepted plus the bonus token). Hence:
+most d + 1 tokens (d accepted plus the bonus token). The n-gram lookup (`msd.decoding.lookup`) is off here, so that
+every cycle verifies N tokens and the numbers describe the draft alone. Hence:
 
     perfect free draft:   speedup <= (d + 1) * t(1) / t(N)
     this draft, all kept: speedup <= (d + 1) * t(1) / (draft time per cycle + verify time per cycle)
@@ -23,6 +24,7 @@ import argparse
 import json
 import logging
 import statistics
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -81,6 +83,7 @@ def cycle_costs(target, draft, inputs, trees, max_new_tokens: int) -> list[dict]
     plain = SpeculativeGenerator(target, None).generate(inputs, max_new_tokens=max_new_tokens).stats
     rows = []
     for tree in trees:
+        tree = replace(tree, lookup_tokens=0)  # see the module docstring
         output = SpeculativeGenerator(target, draft, tree).generate(inputs, max_new_tokens=max_new_tokens)
         stats = output.stats
         rows.append({

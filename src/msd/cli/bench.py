@@ -163,7 +163,8 @@ def run(arguments: argparse.Namespace) -> int:
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "max_new_tokens": settings.max_new_tokens,
         "research_convention": settings.research_convention,
-        "tree": f"total_tokens={tree.total_tokens} depth={tree.depth} top_k={tree.top_k}",
+        "tree": f"total_tokens={tree.total_tokens} depth={tree.depth} top_k={tree.top_k} "
+        f"lookup_tokens={tree.lookup_tokens}",
         "warmup": settings.warmup,
         "skipped_methods": skipped,
         "tree_tuning": tuning.as_dict() if tuning else None,

@@ -71,8 +71,8 @@ def register(subparsers) -> None:
         "options",
         help="print the dtype and tree options that decode the default model fastest on this CPU",
         description="Print `msd generate`/`msd bench` options for the default model on this machine's CPU: bfloat16 "
-        "with a 12-token tree where the CPU has AMX, with a 10-token tree where it has native bfloat16 without AMX, "
-        "float32 with a 3-token chain elsewhere. "
+        "with a 10-token tree where the CPU has native bfloat16 (AMX or AVX-512 BF16), float32 with a 3-token chain "
+        "elsewhere. "
         "Options given after them override them.",
     )
     options.set_defaults(handler=run_options)

@@ -89,6 +89,13 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         "GPUs, or 16 (the most they verify exactly) on a bfloat16 target with batch-invariant CPU kernels. CPUs do "
         "better with small trees: msd bench --tune-tree picks one by measurement",
     )
+    parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=4,
+        help="tokens per cycle copied from where the text's last 1-3 tokens occurred before (prompt or answer) and "
+        "added to the draft's tree; 0 turns this off (default 4)",
+    )
 
 
 def sampling_from(arguments: argparse.Namespace):
@@ -112,7 +119,12 @@ def tree_from(arguments: argparse.Namespace):
 
     total_tokens = TreeParams.total_tokens if arguments.total_tokens is None else arguments.total_tokens
     try:
-        return TreeParams(depth=arguments.depth, top_k=arguments.tree_top_k, total_tokens=total_tokens)
+        return TreeParams(
+            depth=arguments.depth,
+            top_k=arguments.tree_top_k,
+            total_tokens=total_tokens,
+            lookup_tokens=arguments.lookup_tokens,
+        )
     except ValueError as error:
         raise MSDError(str(error)) from None
 

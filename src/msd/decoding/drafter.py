@@ -9,7 +9,8 @@ A drafter follows one sequence through three calls from the generation loop:
 
 `RootOnlyDrafter` proposes no candidates, which turns the speculative loop into plain decoding through the same
 target calls. `MSDDrafter` runs the MSD draft model and grows an EAGLE-2 dynamic tree over the sequence's
-`DraftVocabulary` (a reduced draft vocabulary plus the prompt's other tokens).
+`DraftVocabulary` (a reduced draft vocabulary plus the prompt's other tokens), then grafts on the continuation of the
+sequence's last n-gram where it occurred before (`msd.decoding.lookup`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from abc import ABC, abstractmethod
 import torch
 from transformers import DynamicCache
 
-from msd.decoding.tree import DraftTree, TreeParams, select_nodes
+from msd.decoding.lookup import NgramIndex
+from msd.decoding.tree import DraftTree, TreeParams, graft_chain, select_nodes
 from msd.decoding.vocabulary import DraftVocabulary
 from msd.draft.model import DraftModel, causal_mask
 from msd.targets import batch_invariant
@@ -68,6 +70,8 @@ class MSDDrafter(Drafter):
         self.next_position = 0  # target position id of the token after the root
         self.root_feature: torch.Tensor | None = None  # (H,) draft output at the root's slot
         self.root_logprobs: torch.Tensor | None = None  # (V_draft,) draft log-probs of the root's children
+        self.ngrams = NgramIndex()  # the prompt's text tokens and the emitted ones
+        self.grafts = 0  # cycles whose tree got tokens from the n-gram lookup, this sequence
 
     @torch.no_grad()
     def start(self, prefill: PrefillOutput, state: TargetState, first_token: int) -> None:
@@ -88,6 +92,9 @@ class MSDDrafter(Drafter):
                 prefill.input_ids[~prefill.visual_mask],
                 skip_ids=getattr(tokenizer, "all_special_ids", None) or (),
             )
+        self.ngrams = NgramIndex()
+        self.ngrams.extend(prefill.input_ids[~prefill.visual_mask].tolist() + [first_token])
+        self.grafts = 0
         self.cache = DynamicCache()
         self.cache_length = 0
         self.next_position = state.next_position + 1
@@ -100,6 +107,7 @@ class MSDDrafter(Drafter):
         positions = self._positions(torch.arange(count, device=self.target.device))
         self._extend(new_tokens.to(self.target.device), accepted_hidden, positions)
         self.next_position += count
+        self.ngrams.extend(new_tokens.tolist())
 
     def _positions(self, offsets: torch.Tensor) -> torch.Tensor:
         """(P, n) position ids `next_position + offsets` in the draft's position rows."""
@@ -125,6 +133,20 @@ class MSDDrafter(Drafter):
 
     @torch.no_grad()
     def propose(self, root_token: int, params: TreeParams, max_depth: int) -> DraftTree:
+        tree = self._draft_tree(root_token, params, max_depth)
+        budget = params.lookup_tokens
+        if self.target.max_tree_tokens is not None:  # the largest tree this target verifies exactly
+            budget = min(budget, self.target.max_tree_tokens - len(tree))
+        if budget < 1:
+            return tree
+        # The chain may first follow a path of the draft's tree, so ask for that path's length on top of the budget.
+        chain = self.ngrams.continuation(int(tree.depths.max()) + budget)
+        grafted = graft_chain(tree, chain, budget, max_depth)
+        self.grafts += grafted is not tree
+        return grafted
+
+    def _draft_tree(self, root_token: int, params: TreeParams, max_depth: int) -> DraftTree:
+        """Grow the draft model's tree of at most `params.total_tokens` nodes (see the module docstring)."""
         depth = min(params.depth, max_depth, params.total_tokens - 1)  # no path is longer than the tree's size
         if depth < 1 or params.total_tokens < 2:
             return DraftTree.chain([root_token])

@@ -6,11 +6,13 @@ its children's), so a path is read by following `parents` from any node to the r
 
 `select_nodes` implements EAGLE-2's dynamic tree: candidates are scored by the cumulative log-probability the draft
 gives their path, and the best `total_tokens - 1` of them form the tree. A child's score is at most its parent's,
-so the selected set always contains each selected node's ancestors.
+so the selected set always contains each selected node's ancestors. `graft_chain` adds a chain of tokens from
+another source (`msd.decoding.lookup`) to a tree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,19 +22,24 @@ import torch
 class TreeParams:
     """Shape of the draft tree.
 
-    depth: draft steps per cycle, so the tree's maximum depth below the root and tau's upper bound minus one.
+    depth: draft steps per cycle, so the draft's deepest node below the root.
     top_k: children kept per expanded node, and nodes expanded per step.
-    total_tokens: maximum nodes in the tree, root included; the target verifies this many tokens per forward.
+    total_tokens: maximum nodes the draft proposes, root included.
+    lookup_tokens: maximum tokens grafted per cycle from an earlier occurrence of the sequence's last n-gram
+        (`msd.decoding.lookup`), beyond total_tokens and depth. 0 turns the lookup off.
     """
 
     depth: int = 5
     top_k: int = 8
     total_tokens: int = 48
+    lookup_tokens: int = 4
 
     def __post_init__(self):
         for name in ("depth", "top_k", "total_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tree {name} must be at least 1, got {getattr(self, name)}")
+        if self.lookup_tokens < 0:
+            raise ValueError(f"tree lookup_tokens must be 0 (off) or positive, got {self.lookup_tokens}")
 
     @classmethod
     def parse(cls, text: str) -> TreeParams:
@@ -101,6 +108,27 @@ class DraftTree:
             path.append(node)
             node = self._parents[node]
         return path[::-1]
+
+
+def graft_chain(tree: DraftTree, chain: Sequence[int], budget: int, max_depth: int) -> DraftTree:
+    """Add `chain`, candidate tokens after the root, to `tree`.
+
+    The chain follows the tree's nodes while their tokens agree. At most `budget` of its remaining tokens become a new
+    path below the last agreeing node, none deeper than `max_depth` below the root. Returns `tree` itself when nothing
+    is added.
+    """
+    children = tree.children()
+    node = matched = 0
+    while matched < len(chain) and chain[matched] in children[node]:
+        node = children[node][chain[matched]]
+        matched += 1
+    room = min(budget, max_depth - int(tree.depths[node]))
+    added = list(chain[matched : matched + max(room, 0)])
+    if not added:
+        return tree
+    size = len(tree)
+    parents = tree._parents + [node] + list(range(size, size + len(added) - 1))  # a path: each node under the last
+    return DraftTree(tokens=torch.tensor(tree._tokens + added), parents=torch.tensor(parents))
 
 
 def select_nodes(scores: torch.Tensor, parents: torch.Tensor, budget: int) -> torch.Tensor:

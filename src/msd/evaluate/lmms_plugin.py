@@ -8,7 +8,7 @@ msd registers them through lmms-eval's entry-point group `lmms_eval.models` (see
 
 Model args: pretrained (target), draft (MSD draft folder; omit for plain decoding through the same code, which
 measures the baseline), device, dtype, total_tokens (default 48, or the largest tree a bfloat16 CPU target's
-batch-invariant kernels verify exactly), depth, tree_top_k, and measure_speedup (default true: with a draft, each
+batch-invariant kernels verify exactly), depth, tree_top_k, lookup_tokens (default 4, 0 = off), and measure_speedup (default true: with a draft, each
 request is also decoded plainly, interleaved, to time the speedup and check identical greedy output).
 Each task's gen_kwargs are honoured: max_new_tokens, until (stop strings, cut from the answer as lmms-eval expects),
 temperature (0 = greedy), top_p and top_k. At the end the model logs tau and, when measured, the speedup.
@@ -61,6 +61,7 @@ class MSDModel(lmms):
         total_tokens: int | str | None = None,
         depth: int = 5,
         tree_top_k: int = 8,
+        lookup_tokens: int | str = TreeParams.lookup_tokens,
         measure_speedup: bool | str = True,
         batch_size: int | str = 1,
         seed: int = 0,
@@ -79,7 +80,9 @@ class MSDModel(lmms):
             )
         if total_tokens is None:
             total_tokens = TreeParams().capped(self.target.max_tree_tokens).total_tokens
-        tree = TreeParams(depth=int(depth), top_k=int(tree_top_k), total_tokens=int(total_tokens))
+        tree = TreeParams(
+            depth=int(depth), top_k=int(tree_top_k), total_tokens=int(total_tokens), lookup_tokens=int(lookup_tokens)
+        )
         self.draft = DraftModel.from_pretrained(draft) if draft else None
         self.generator = SpeculativeGenerator(self.target, self.draft, tree)
         self.plain = SpeculativeGenerator(self.target, None, tree) if self.draft is not None else self.generator
