@@ -70,6 +70,12 @@ def test_local_task_same_with_and_without_draft(saved_models):
     assert sum(length <= 16 for length in lengths) >= LIMIT  # the vqa task's max_new_tokens
 
 
+def test_lookup_tokens_model_arg(saved_models):
+    # lmms-eval passes model args as strings: lookup_tokens=0 turns the n-gram lookup off.
+    model = LlavaMSD(pretrained=str(saved_models / "target"), draft=str(saved_models / "draft"), lookup_tokens="0")
+    assert model.generator.tree.lookup_tokens == 0
+
+
 def test_plugin_rejects_wrong_family_and_batch(saved_models):
     with pytest.raises(MSDError, match="llava_msd or qwen2_vl_msd"):
         Qwen2VLMSD(pretrained=str(saved_models / "target"))
