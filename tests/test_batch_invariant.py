@@ -350,10 +350,10 @@ def test_large_tree_rejected(bf16_llava):
 
 
 def test_default_tree_fits(bf16_llava):
-    # Without a tree, the Python API cuts the default to the tokens the kernels verify exactly.
+    # Without a tree, the Python API cuts the default so that the tree and the lookup fit what the kernels verify.
     draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
     generator = SpeculativeGenerator(bf16_llava.target, draft)
-    assert generator.tree.total_tokens == ROWS
+    assert generator.tree.total_tokens == ROWS - TreeParams().lookup_tokens
     assert generator.tree.depth == TreeParams().depth
 
 
@@ -411,14 +411,19 @@ def test_lmms_default_tree_fits(saved_target, tmp_path):
     target = load_target(saved_target, dtype="bfloat16")
     DraftModel(DraftConfig.for_target(target)).save_pretrained(tmp_path / "draft")
     model = lmms_plugin.LlavaMSD(pretrained=str(saved_target), draft=str(tmp_path / "draft"), dtype="bfloat16")
-    assert model.generator.tree.total_tokens == ROWS
+    assert model.generator.tree.total_tokens == ROWS - TreeParams().lookup_tokens
+    without_lookup = lmms_plugin.LlavaMSD(
+        pretrained=str(saved_target), draft=str(tmp_path / "draft"), dtype="bfloat16", lookup_tokens="0"
+    )
+    assert without_lookup.generator.tree.total_tokens == ROWS
     with pytest.raises(MSDError, match="too large"):
         lmms_plugin.LlavaMSD(pretrained=str(saved_target), draft=str(tmp_path / "draft"), dtype="bfloat16",
                              total_tokens=ROWS + 1)
 
 
 def test_cli_default_tree_fits(saved_target, tmp_path, capsys):
-    # Without --total-tokens, msd generate lowers the default tree of 48 tokens to the 16 the kernels verify exactly.
+    # Without --total-tokens, msd generate lowers the default tree of 48 tokens so that it and the lookup's tokens fit
+    # the 16 the kernels verify exactly.
     target = load_target(saved_target, dtype="bfloat16")
     DraftModel(DraftConfig.for_target(target)).save_pretrained(tmp_path / "draft")
     code = main([

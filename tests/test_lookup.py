@@ -36,11 +36,17 @@ def test_no_earlier_occurrence():
     assert NgramIndex().continuation(4) == []
 
 
+def test_repeating_pattern_continues():
+    # The last occurrence of "5 5 5" overlaps the end, so the copy reads on from its own output.
+    assert index_of([5, 5, 5, 5]).continuation(4) == [5, 5, 5, 5]
+    assert index_of([1, 2, 1, 2]).continuation(3) == [1, 2, 1]
+
+
 def test_continuation_grows_with_tokens():
-    # Tokens appended later extend the earlier occurrence's continuation, up to the requested count.
+    # Tokens appended later are indexed: the final 4 now continues as it did after the first 4.
     index = index_of([4, 5])
     index.extend([6, 4])
-    assert index.continuation(5) == [5, 6, 4]
+    assert index.continuation(2) == [5, 6]
 
 
 def test_max_ngram_must_be_positive():
@@ -136,3 +142,32 @@ def test_grafts_fit_verification_limit(llava_family, monkeypatch):
     generator.generate(llava_family.make_inputs(" ".join(CORPUS[:2]), []), max_new_tokens=30, eos_token_ids=[])
     assert drafter.grafts > 0
     assert max(drafter.sizes) <= 6
+
+
+class FixedTreeDrafter(MSDDrafter):
+    """Proposes a fixed draft tree, root 7 -> 8 -> 9, so the lookup's graft is the only variable."""
+
+    def _draft_tree(self, root_token, params, max_depth):
+        return DraftTree(tokens=torch.tensor([root_token, 8, 9]), parents=torch.tensor([-1, 0, 1]))
+
+
+def fixed_tree_drafter(target, history):
+    drafter = FixedTreeDrafter(DraftModel(DraftConfig.for_target(target)), target)
+    drafter.ngrams.extend(history)
+    return drafter
+
+
+def test_graft_below_draft_path(llava_family):
+    # The lookup continues 7 with 8 9 10 11 12 13: the chain follows the draft's path 8 9, then grafts 4 more tokens.
+    drafter = fixed_tree_drafter(llava_family.target, [7, 8, 9, 10, 11, 12, 13, 7])
+    tree = drafter.propose(7, TreeParams(depth=2, top_k=1, total_tokens=3, lookup_tokens=4), max_depth=50)
+    assert tree.tokens.tolist() == [7, 8, 9, 10, 11, 12, 13]
+    assert tree.parents.tolist()[3:] == [2, 3, 4, 5]
+
+
+def test_graft_stops_at_context(llava_family):
+    # With room for 3 tokens after the root, the graft below depth 2 gets one token.
+    drafter = fixed_tree_drafter(llava_family.target, [7, 8, 9, 10, 11, 12, 13, 7])
+    tree = drafter.propose(7, TreeParams(depth=2, top_k=1, total_tokens=3, lookup_tokens=4), max_depth=3)
+    assert tree.tokens.tolist() == [7, 8, 9, 10]
+    assert int(tree.depths.max()) == 3

@@ -76,6 +76,6 @@ def test_tree_params_parse():
 def test_tree_params_capped():
     # Only total_tokens above the cap changes, and no cap leaves the parameters as they are.
     tree = TreeParams(depth=5, top_k=8, total_tokens=48)
-    assert tree.capped(16) == TreeParams(depth=5, top_k=8, total_tokens=16)
+    assert tree.capped(16) == TreeParams(depth=5, top_k=8, total_tokens=12)  # 4 tokens left for the lookup
     assert tree.capped(64) is tree
     assert tree.capped(None) is tree

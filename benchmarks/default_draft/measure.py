@@ -68,12 +68,14 @@ def measure(target, draft, cases, trees, max_new_tokens: int) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print("| input | depth,top-k,total | lookup | tau | msd tok/s | plain tok/s | speedup | identical | draft s | verify s |")
+    print(
+        "| input | depth,top-k,total | lookup | tau | msd tok/s | plain tok/s | speedup | identical | draft s | verify s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['input']} | {row['tree']} | {row['lookup_tokens']} | {row['tau']:.2f} | {row['msd_tokens_per_s']:.1f} | "
-            f"{row['plain_tokens_per_s']:.1f} | {row['speedup']:.2f}x | {'yes' if row['identical'] else 'NO'} | "
+            f"| {row['input']} | {row['tree']} | {row['lookup_tokens']} | {row['tau']:.2f} | "
+            f"{row['msd_tokens_per_s']:.1f} | {row['plain_tokens_per_s']:.1f} | {row['speedup']:.2f}x | {'yes' if row['identical'] else 'NO'} | "
             f"{row['draft_s']:.2f} | {row['verify_s']:.2f} |"
         )
 

@@ -24,8 +24,8 @@ import argparse
 import json
 import logging
 import statistics
-from dataclasses import replace
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch

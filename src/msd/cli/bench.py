@@ -71,8 +71,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each method on the first sample before "
                         "measuring (default 1)")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="candidate tokens per prompt-lookup "
-                        "step (default 10)")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="candidate tokens per step of "
+                        "transformers' prompt-lookup method (default 10). --lookup-tokens sets msd's own lookup")
     add_tree_options(parser)
     parser.add_argument(
         "--tune-tree",

@@ -73,7 +73,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 def add_tree_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--depth", type=int, default=5, help="draft steps per cycle: the maximum tree depth, in tokens (default 5)"
+        "--depth", type=int, default=5, help="draft steps per cycle: the depth of the draft's tree (default 5)"
     )
     parser.add_argument(
         "--tree-top-k",
@@ -85,16 +85,18 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         "--total-tokens",
         type=int,
         default=None,
-        help="tree size in tokens, root included: the tokens the target verifies per forward. Default 48, sized for "
-        "GPUs, or 16 (the most they verify exactly) on a bfloat16 target with batch-invariant CPU kernels. CPUs do "
-        "better with small trees: msd bench --tune-tree picks one by measurement",
+        help="size of the draft's tree in tokens, root included; the target verifies these plus the lookup's tokens "
+        "per forward. Default 48, sized for GPUs, or 16 minus --lookup-tokens on a bfloat16 target with "
+        "batch-invariant CPU kernels (they verify at most 16 tokens exactly). CPUs do better with small trees: msd "
+        "bench --tune-tree picks one by measurement",
     )
     parser.add_argument(
         "--lookup-tokens",
         type=int,
         default=4,
-        help="tokens per cycle copied from where the text's last 1-3 tokens occurred before (prompt or answer) and "
-        "added to the draft's tree; 0 turns this off (default 4)",
+        help="maximum tokens per cycle copied from where the text's last 1-3 tokens occurred before (prompt or "
+        "answer) and added to the draft's tree, within the tokens the target verifies exactly; 0 turns this off "
+        "(default 4)",
     )
 
 
@@ -140,11 +142,15 @@ def tree_argument(text: str):
 
 
 def fit_default_tree(tree, target, arguments: argparse.Namespace):
-    """Lower the default tree size to the largest tree `target` verifies exactly, unless --total-tokens was given."""
+    """Lower the default tree size so that it and the lookup's tokens fit the largest tree `target` verifies exactly,
+    unless --total-tokens was given."""
     if arguments.total_tokens is not None:
         return tree
     fitted = tree.capped(target.max_tree_tokens)
     if fitted is not tree:
-        logger.info("tree size lowered from the default %d to %d: this target verifies at most %d tokens exactly",
-                    tree.total_tokens, fitted.total_tokens, fitted.total_tokens)
+        logger.info(
+            "tree size lowered from the default %d to %d: this target verifies at most %d tokens exactly, and %d are "
+            "left for the n-gram lookup (--lookup-tokens)",
+            tree.total_tokens, fitted.total_tokens, target.max_tree_tokens, tree.lookup_tokens,
+        )
     return fitted

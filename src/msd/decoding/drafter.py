@@ -71,7 +71,7 @@ class MSDDrafter(Drafter):
         self.root_feature: torch.Tensor | None = None  # (H,) draft output at the root's slot
         self.root_logprobs: torch.Tensor | None = None  # (V_draft,) draft log-probs of the root's children
         self.ngrams = NgramIndex()  # the prompt's text tokens and the emitted ones
-        self.grafts = 0  # cycles whose tree got tokens from the n-gram lookup, this sequence
+        self.grafts = 0  # cycles of this sequence whose tree received grafted tokens
 
     @torch.no_grad()
     def start(self, prefill: PrefillOutput, state: TargetState, first_token: int) -> None:

@@ -51,10 +51,11 @@ class TreeParams:
         return cls(depth=depth, top_k=top_k, total_tokens=total_tokens)
 
     def capped(self, max_tokens: int | None) -> TreeParams:
-        """Return these parameters with total_tokens lowered to `max_tokens` (a target's `max_tree_tokens`)."""
-        if max_tokens is None or self.total_tokens <= max_tokens:
+        """Return these parameters with total_tokens lowered so that the draft's tree and the lookup's tokens fit in
+        `max_tokens` (a target's `max_tree_tokens`). The draft keeps at least its root."""
+        if max_tokens is None or self.total_tokens + self.lookup_tokens <= max_tokens:
             return self
-        return replace(self, total_tokens=max_tokens)
+        return replace(self, total_tokens=max(max_tokens - self.lookup_tokens, 1))
 
 
 @dataclass

@@ -16,7 +16,7 @@ it, because a node's logits come from a forward over the prompt and that node's 
 many of those draws one forward can serve.
 
 The rule is equivalent to multi-candidate rejection sampling with candidates chosen deterministically (the draft's
-top-k). That scheme tries children c1, c2, ... in order and accepts ci with probability p(ci), where p is
+top-k and the n-gram lookup's continuation, both fixed by the tokens before them). That scheme tries children c1, c2, ... in order and accepts ci with probability p(ci), where p is
 renormalised after removing the rejected children. If all are rejected, it samples from what is left. It emits each
 token t with probability p(t), which is what drawing x from p and matching it against the children does in one step.
 No draft probability enters the rule, so a draft that samples its candidates would need the general rule instead.

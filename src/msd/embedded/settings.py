@@ -6,10 +6,11 @@ It was chosen with `benchmarks/default_draft/measure.py` on the four validation 
 `benchmarks/default_draft/tree_validation.jsonl` and three matplotlib sample pictures, none of them in the training
 rows or the benchmark. Mean speedups over plain decoding on those seven prompts:
 
-- 2-core Emerald Rapids Xeon with AMX, two runs: 1.84x and 1.87x for this tree, 1.87x and 1.88x with 5 children,
-  1.81x twice with 6 children and 12 tokens, 1.81x at depth 4 with 12 tokens, 1.81x with 8 children and 16 tokens,
-  1.77x at depth 4 with 16 tokens, 1.73x and 1.75x for 8 tokens. A forward over 10 tokens cost 1.19 one-token
-  forwards there, 12 tokens 1.23 and 16 tokens 1.33.
+- 2-core Xeon with AMX, two runs: 1.84x and 1.87x for this tree, 1.87x and 1.88x with 5 children (within the spread
+  between runs), 1.81x twice with 6 children and 12 tokens, 1.81x at depth 4 with 12 tokens, 1.81x with 8 children
+  and 16 tokens, 1.77x at depth 4 with 16 tokens, 1.73x and 1.75x for 8 tokens. In the cost table of BENCHMARKS.md
+  (`benchmarks/default_model/verify_cost.py`) a forward over 10 tokens cost 1.17 one-token forwards there, 12 tokens
+  1.22 and 16 tokens 1.31.
 - 2-core Zen 4 EPYC with AVX-512 BF16 and no AMX: 1.63x for this tree and for 6 children with 8 tokens, 1.58x with 6
   children and 12 tokens, 1.49x for 16 tokens. Plain decoding ran at 27.5 tokens/s in bfloat16 against 16.1 in
   float32 there, and msd at 40.3 tokens/s in bfloat16 against 27.2 with float32's 3-token chain.

@@ -7,8 +7,9 @@ msd registers them through lmms-eval's entry-point group `lmms_eval.models` (see
         --tasks chartqa --batch_size 1
 
 Model args: pretrained (target), draft (MSD draft folder; omit for plain decoding through the same code, which
-measures the baseline), device, dtype, total_tokens (default 48, or the largest tree a bfloat16 CPU target's
-batch-invariant kernels verify exactly), depth, tree_top_k, lookup_tokens (default 4, 0 = off), and measure_speedup (default true: with a draft, each
+measures the baseline), device, dtype, total_tokens (default 48, or on a bfloat16 CPU target the largest tree its
+batch-invariant kernels verify exactly, less lookup_tokens), depth, tree_top_k, lookup_tokens (default 4, 0 = off),
+and measure_speedup (default true: with a draft, each
 request is also decoded plainly, interleaved, to time the speedup and check identical greedy output).
 Each task's gen_kwargs are honoured: max_new_tokens, until (stop strings, cut from the answer as lmms-eval expects),
 temperature (0 = greedy), top_p and top_k. At the end the model logs tau and, when measured, the speedup.
@@ -79,7 +80,8 @@ class MSDModel(lmms):
                 f"{', '.join(self.model_types)}. Pick the matching model name (llava_msd or qwen2_vl_msd)."
             )
         if total_tokens is None:
-            total_tokens = TreeParams().capped(self.target.max_tree_tokens).total_tokens
+            default = TreeParams(lookup_tokens=int(lookup_tokens))
+            total_tokens = default.capped(self.target.max_tree_tokens).total_tokens
         tree = TreeParams(
             depth=int(depth), top_k=int(tree_top_k), total_tokens=int(total_tokens), lookup_tokens=int(lookup_tokens)
         )

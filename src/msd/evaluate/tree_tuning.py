@@ -9,6 +9,10 @@ grows with n almost from the start, so small trees win. `tune_tree`:
 3. runs a short greedy generation with each (total_tokens, depth) pair to measure tau;
 4. picks the pair with the highest estimated throughput tau / (forward time + proposal time).
 
+The forward time of a size is measured with the n-gram lookup's tokens added (`TreeParams.lookup_tokens`, within the
+target's exact limit). The lookup grafts them only in cycles where the text's last tokens occurred before, so the
+estimate charges every cycle the larger forward.
+
 The estimate uses the repeated timings of steps 1 and 2 rather than the pilot's own wall time, which is one short
 run and noisy.
 """
@@ -40,13 +44,18 @@ class TreeChoice:
     """The chosen tree and the measurements behind it. Times are median seconds."""
 
     params: TreeParams
-    forward_times: dict[int, float]  # tree size -> one target forward over that many tokens
+    forward_times: dict[int, float]  # tree size -> one target forward over its tokens and the lookup's
     proposal_times: dict[int, float]  # depth -> one draft proposal
     candidates: list[dict]  # per (total_tokens, depth): pilot tau and estimated tokens per second
 
     def as_dict(self) -> dict:
         return {
-            "chosen": {"total_tokens": self.params.total_tokens, "depth": self.params.depth, "top_k": self.params.top_k},
+            "chosen": {
+                "total_tokens": self.params.total_tokens,
+                "depth": self.params.depth,
+                "top_k": self.params.top_k,
+                "lookup_tokens": self.params.lookup_tokens,
+            },
             "forward_times": self.forward_times,
             "proposal_times": self.proposal_times,
             "candidates": self.candidates,
@@ -118,7 +127,11 @@ def tune_tree(
             )
         logger.warning("tree sizes above %d skipped: this target verifies at most %d tokens exactly", limit, limit)
         sizes = exact
-    forward_times = time_target_forward(target, inputs, sizes)
+    # Each size is timed with the lookup's tokens added (see the module docstring).
+    verified = {size: size + base.lookup_tokens if limit is None else min(size + base.lookup_tokens, limit)
+                for size in sizes}
+    timed = time_target_forward(target, inputs, sorted(set(verified.values())))
+    forward_times = {size: timed[verified[size]] for size in sizes}
     proposal_times = time_draft_proposal(target, draft, inputs, replace(base, total_tokens=max(sizes)), depths)
     logger.info("target forward times by tree size: %s", forward_times)
     logger.info("draft proposal times by depth: %s", proposal_times)
