@@ -437,6 +437,12 @@ def test_cli_default_tree_fits(saved_target, tmp_path, capsys):
     ])
     assert code == 2
     assert f"Pass --total-tokens {ROWS} or less" in capsys.readouterr().err
+    code = main([
+        "generate", "--target", str(saved_target), "--draft", str(tmp_path / "draft"), "--dtype", "bfloat16",
+        "--prompt", "Hi", "--max-new-tokens", "2", "--lookup-tokens", str(ROWS),
+    ])
+    assert code == 2
+    assert "leaves no room for the draft's tree" in capsys.readouterr().err
 
 
 def test_switch_rejects_float32():

@@ -281,5 +281,14 @@ def test_cli_bench_rejects_bad_options(tmp_path, capsys):
     code = main(["bench", "--target", str(tmp_path), "--tune-tree", "--output", str(tmp_path / "o")])
     assert code == 2
     assert "--tune-tree" in capsys.readouterr().err
+    code = main(["bench", "--target", str(tmp_path), "--prompt-lookup-tokens", "0", "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "--prompt-lookup-tokens must be at least 1, got 0" in capsys.readouterr().err
+    # An output path that is a file fails before any model loads, not when the report is written.
+    existing = tmp_path / "report.txt"
+    existing.write_text("")
+    code = main(["bench", "--target", str(tmp_path), "--output", str(existing)])
+    assert code == 2
+    assert f"--output {existing} is a file" in capsys.readouterr().err
     code = main(["bench", "--target", str(tmp_path), "--max-new-tokens", "0", "--output", str(tmp_path / "o")])
     assert code == 2

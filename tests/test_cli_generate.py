@@ -145,13 +145,73 @@ def test_missing_draft_fails_before_target_load(tmp_path, capsys):
 def test_bad_tree_option_is_clear_error(saved, capsys):
     code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--depth", "0"])
     assert code == 2
-    assert "depth must be at least 1" in capsys.readouterr().err
+    assert "--depth must be at least 1" in capsys.readouterr().err
+
+
+def test_bad_top_p_names_option(saved, capsys):
+    code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--temperature", "1", "--top-p", "0"])
+    assert code == 2
+    assert "--top-p must be in (0, 1], got 0.0" in capsys.readouterr().err
+
+
+def test_empty_stop_rejected(saved, capsys):
+    code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--stop", ""])
+    assert code == 2
+    assert "--stop is empty" in capsys.readouterr().err
+
+
+def test_stats_json_bad_path_fails_early(saved, tmp_path, capsys):
+    # A folder that does not exist, or a folder in place of a file, is rejected before the target loads.
+    missing = tmp_path / "no-folder" / "stats.json"
+    code = main(["generate", "--target", str(tmp_path / "no-target"), "--prompt", "hi", "--stats-json", str(missing)])
+    assert code == 2
+    assert f"folder {missing.parent} not found" in capsys.readouterr().err
+    code = main(["generate", "--target", str(tmp_path / "no-target"), "--prompt", "hi", "--stats-json", str(tmp_path)])
+    assert code == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_unusable_device_is_clear_error(saved, capsys):
+    code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--device", "foo"])
+    assert code == 2
+    assert "invalid --device 'foo'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--device", "cuda:0"])
+        assert code == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_one_token_stats_json_valid(saved, tmp_path):
+    # A one-token output has no decoding forward: tau is null in the JSON file, which stays strict JSON.
+    stats = tmp_path / "stats.json"
+    code = main([
+        "generate", "--target", str(saved / "target"), "--draft", str(saved / "draft"), "--prompt", "hi",
+        "--max-new-tokens", "1", "--no-stream", "--stats-json", str(stats),
+    ])
+    assert code == 0
+    report = json.loads(stats.read_text())
+    assert report["msd"]["tau"] is None
+
+
+def test_truncated_target_weights_clear_error(saved, tmp_path, capsys):
+    # A cut-off safetensors file of the target gives an error naming the folder, not a traceback.
+    import shutil
+
+    broken = tmp_path / "broken-target"
+    shutil.copytree(saved / "target", broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    code = main(["generate", "--target", str(broken), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"cannot read the weights of {broken}" in err
+    assert "Traceback" not in err
 
 
 def test_negative_lookup_tokens_rejected(saved, capsys):
     code = main(["generate", "--target", str(saved / "target"), "--prompt", "hi", "--lookup-tokens", "-1"])
     assert code == 2
-    assert "lookup_tokens must be 0 (off) or positive, got -1" in capsys.readouterr().err
+    assert "--lookup-tokens must be 0 (off) or positive, got -1" in capsys.readouterr().err
 
 
 def test_lookup_tokens_reach_tree():

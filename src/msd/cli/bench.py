@@ -9,7 +9,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from msd.cli.options import add_model_options, add_tree_options, fit_default_tree, tree_from
+from msd.cli.options import add_model_options, add_tree_options, check_device, fit_default_tree, tree_from
 from msd.errors import MSDError
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,12 @@ def run(arguments: argparse.Namespace) -> int:
     )
     if arguments.limit is not None and arguments.limit < 1:
         raise MSDError(f"--limit must be at least 1, got {arguments.limit}")
+    if arguments.prompt_lookup_tokens < 1:
+        raise MSDError(f"--prompt-lookup-tokens must be at least 1, got {arguments.prompt_lookup_tokens}")
+    output = Path(arguments.output)
+    if output.exists() and not output.is_dir():  # checked before hours of decoding, not when writing the report
+        raise MSDError(f"--output {output} is a file. Pass a folder for report.json, report.md and the plots.")
+    check_device(arguments.device)
     names = method_names(arguments)
     if arguments.tune_tree and not arguments.draft:
         raise MSDError("--tune-tree times the MSD draft: pass --draft.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -12,11 +13,14 @@ from msd.cli.options import (
     add_model_options,
     add_sampling_options,
     add_tree_options,
+    check_device,
+    check_output_file,
     fit_default_tree,
     sampling_from,
     tree_from,
 )
 from msd.errors import MSDError
+from msd.files import atomic_write_text
 
 #: new tokens of the untimed run before a --compare measurement
 WARMUP_TOKENS = 8
@@ -85,6 +89,10 @@ def run(arguments: argparse.Namespace) -> int:
         raise MSDError(f"--max-new-tokens must be at least 1, got {arguments.max_new_tokens}")
     if not arguments.prompt.strip():
         raise MSDError("--prompt is empty. Pass the request as text, for example --prompt \"Describe this picture.\"")
+    if any(not stop for stop in arguments.stop):
+        raise MSDError("--stop is empty. Pass the text that ends generation, for example --stop \"###\".")
+    check_output_file(arguments.stats_json, "--stats-json")  # before decoding, so a bad path loses no work
+    check_device(arguments.device)
     sampling = sampling_from(arguments)
     tree = tree_from(arguments)
     images = [load_image(path) for path in arguments.image]  # fail on a bad image before loading any model
@@ -162,7 +170,8 @@ def _print_stats(label: str, stats) -> None:
         acceptance = f"tau {stats.tau:.2f} tokens per target forward"
     else:
         phases = f"drafting {stats.draft_time:.2f} s, verification {stats.verify_time:.2f} s"
-        acceptance = f"tau {stats.tau:.2f} tokens per target forward, mean accepted length {mean_accepted:.2f}"
+        tau = f"{stats.tau:.2f}" if accepted else "n/a"  # no decoding forward when the first token ended generation
+        acceptance = f"tau {tau} tokens per target forward, mean accepted length {mean_accepted:.2f}"
     print(
         f"[{label}] {stats.new_tokens} tokens in {stats.total_time:.2f} s ({stats.tokens_per_second:.1f} tokens/s); "
         f"{acceptance}; prefill {stats.prefill_time:.2f} s, {phases}; stopped by {stats.stop_reason}",
@@ -172,8 +181,7 @@ def _print_stats(label: str, stats) -> None:
 
 def _write_report(path: str | None, report: dict) -> None:
     if path:
-        with open(path, "w") as handle:
-            json.dump(report, handle, indent=2)
+        atomic_write_text(Path(path), json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 class _TextStream:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from msd.errors import MSDError
 from msd.targets.cpu_linear import AUTO
@@ -95,8 +96,8 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=4,
         help="maximum tokens per cycle copied from where the text's last 1-3 tokens occurred before (prompt or "
-        "answer) and added to the draft's tree, within the tokens the target verifies exactly; 0 turns this off "
-        "(default 4)",
+        "answer) and added to the draft's tree (in msd bench, to the msd and eagle trees), within the tokens the "
+        "target verifies exactly; 0 turns this off (default 4)",
     )
 
 
@@ -113,7 +114,7 @@ def sampling_from(arguments: argparse.Namespace):
             top_p=arguments.top_p,
         )
     except ValueError as error:
-        raise MSDError(str(error)) from None
+        raise MSDError(flag_names(str(error))) from None
 
 
 def tree_from(arguments: argparse.Namespace):
@@ -128,7 +129,53 @@ def tree_from(arguments: argparse.Namespace):
             lookup_tokens=arguments.lookup_tokens,
         )
     except ValueError as error:
-        raise MSDError(str(error)) from None
+        raise MSDError(flag_names(str(error))) from None
+
+
+#: field names in TreeParams and SamplingParams errors, and the command-line options that set them
+FLAG_NAMES = {
+    "tree depth": "--depth",
+    "tree top_k": "--tree-top-k",
+    "tree total_tokens": "--total-tokens",
+    "tree lookup_tokens": "--lookup-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+}
+
+
+def flag_names(message: str) -> str:
+    """Replace the parameter name that starts a TreeParams or SamplingParams error with its option."""
+    for field, flag in FLAG_NAMES.items():
+        if message.startswith(field + " "):
+            return flag + message[len(field) :]
+    return message
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Raise MSDError unless `path` can be written: its folder exists and the path is not a folder."""
+    if path is None:
+        return
+    file = Path(path)
+    if file.is_dir():
+        raise MSDError(f"{option} {path} is a folder. Pass a file name, for example {file / 'stats.json'}.")
+    if not file.parent.is_dir():
+        raise MSDError(f"{option} {path}: folder {file.parent} not found. Create it or choose another path.")
+
+
+def check_device(device: str) -> None:
+    """Raise MSDError for a device string torch cannot parse or a CUDA device this torch build cannot use."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise MSDError(f"invalid --device {device!r}. Pass cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise MSDError(
+            f"--device {device}: this torch build or machine has no CUDA device. Install a CUDA build of torch "
+            "(TORCH_SPEC for make) or pass --device cpu."
+        )
 
 
 def tree_argument(text: str):
@@ -144,13 +191,19 @@ def tree_argument(text: str):
 def fit_default_tree(tree, target, arguments: argparse.Namespace):
     """Lower the default tree size so that it and the lookup's tokens fit the largest tree `target` verifies exactly,
     unless --total-tokens was given."""
+    limit = target.max_tree_tokens
+    if limit is not None and tree.lookup_tokens >= limit:
+        raise MSDError(
+            f"--lookup-tokens {tree.lookup_tokens} leaves no room for the draft's tree: this target verifies at most "
+            f"{limit} tokens exactly. Pass a smaller value, such as the default 4."
+        )
     if arguments.total_tokens is not None:
         return tree
-    fitted = tree.capped(target.max_tree_tokens)
+    fitted = tree.capped(limit)
     if fitted is not tree:
         logger.info(
             "tree size lowered from the default %d to %d: this target verifies at most %d tokens exactly, and %d are "
             "left for the n-gram lookup (--lookup-tokens)",
-            tree.total_tokens, fitted.total_tokens, target.max_tree_tokens, tree.lookup_tokens,
+            tree.total_tokens, fitted.total_tokens, limit, tree.lookup_tokens,
         )
     return fitted

@@ -69,7 +69,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "target_forwards": self.target_forwards,
-            "tau": self.tau,
+            "tau": self.tau if self.accepted_lengths else None,
             "accepted_lengths": self.accepted_lengths,
             "prefill_time": self.prefill_time,
             "draft_time": self.draft_time,

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from msd.errors import MSDError
 from msd.targets import batch_invariant
@@ -79,9 +80,14 @@ def load_target(
     except ImportError as error:
         raise MSDError(f"cannot load the processor of {path!s}: {error}") from None
     logger.info("loading target %s (%s)", path, config.model_type)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    except SafetensorError as error:
+        raise MSDError(
+            f"cannot read the weights of {path!s}: a file is truncated or corrupt ({error}). Download or copy the "
+            "model again (for the default model: msd embedded build)."
+        ) from None
+    model = model.to(device)
     adapter = adapter_for(model, processor)
     if model.device.type != "cpu":
         return adapter

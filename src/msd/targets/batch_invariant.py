@@ -337,6 +337,8 @@ def invariant_attention(module, query, key, value, attention_mask, key_layout: K
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
+    # NOTE: every row copies all cached keys and values, so a q-row forward costs q times one row's attention. With
+    # thousands of cached tokens this outgrows the linear layers and msd falls behind plain decoding (README, Limits).
     def gather(states: torch.Tensor) -> torch.Tensor:
         """(1, kv heads, kv, D) -> (q, kv heads, W, D), each row's keys in the layout's order."""
         by_position = states[0].transpose(0, 1).contiguous()  # (kv, kv heads, D): one index per key position
