@@ -240,3 +240,28 @@ def test_tree_argument_parses_and_rejects():
     assert tree_argument("3,1,4") == TreeParams(depth=3, top_k=1, total_tokens=4)
     with pytest.raises(argparse.ArgumentTypeError, match="depth,top_k,total_tokens"):
         tree_argument("2,1")
+
+
+def test_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys):
+    # SIGTERM during a command raises KeyboardInterrupt inside it, so clean-up runs, and the handler is restored.
+    import os
+    import signal
+    import time
+
+    import msd.cli.embedded as embedded
+
+    cleaned = []
+
+    def terminated_command(arguments):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(embedded, "run_options", terminated_command)
+    assert main(["embedded", "options"]) == 130
+    assert cleaned == [True]
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

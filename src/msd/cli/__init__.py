@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from msd.errors import MSDError
 
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
+        previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return arguments.handler(arguments) or 0
     except MSDError as error:
@@ -61,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"msd {arguments.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt(signum, frame) -> None:
+    """Handle SIGTERM (sent by timeout, docker stop and job schedulers) as Ctrl-C, so that the clean-up of partly
+    written files runs."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
