@@ -120,7 +120,7 @@ def test_placeholder_mismatch_is_clear_error(saved, capsys):
         "--prompt", "<image> vs <image>",
     ])
     assert code == 2
-    assert "2 <image> placeholders but 1 images" in capsys.readouterr().err
+    assert "2 <image> placeholders but 1 image was given" in capsys.readouterr().err
 
 
 def test_bad_draft_is_clear_error(saved, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -40,6 +41,20 @@ def test_build_writes_recipe_and_checksums(tmp_path):
     sums = dict(line.split("  ")[::-1] for line in (folder / CHECKSUM_FILE).read_text().splitlines())
     assert set(sums) == {"model.bin", "sub/config.json", RECIPE_FILE}
     assert sums["model.bin"] == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_built_files_follow_umask(tmp_path):
+    # A file the build step writes with mode 0600, as safetensors does, gets the user's umask like the others.
+    def private_writer(folder):
+        (folder / "model.safetensors").write_bytes(b"weights")
+        (folder / "model.safetensors").chmod(0o600)
+
+    umask = os.umask(0o022)
+    try:
+        folder = build_cached(tmp_path / "target", RECIPE, private_writer)
+    finally:
+        os.umask(umask)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_cached_build_reused(tmp_path):

@@ -46,7 +46,7 @@ def test_valid_image_loads_rgb(tmp_path):
 
 
 def test_placeholder_count_mismatch():
-    with pytest.raises(MSDError, match="2 <image> placeholders but 1 images"):
+    with pytest.raises(MSDError, match="2 <image> placeholders but 1 image was given"):
         build_messages("compare <image> and <image>", 1)
 
 

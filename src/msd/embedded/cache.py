@@ -74,6 +74,7 @@ def build_cached(folder: Path, recipe: dict, write: Callable[[Path], None], forc
     staging.chmod(0o755)  # mkdtemp creates 0700; the finished folder is an ordinary readable cache
     try:
         write(staging)
+        apply_umask(staging)
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
         write_checksums(staging)
         replace_folder(staging, folder)
@@ -81,6 +82,16 @@ def build_cached(folder: Path, recipe: dict, write: Callable[[Path], None], forc
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def apply_umask(folder: Path) -> None:
+    """Give every file in `folder` the permissions a new file gets under the user's umask. safetensors 0.8 creates
+    its files with mode 0600, which would make the cached weights unreadable to others sharing the cache."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def replace_folder(source: Path, destination: Path) -> None:
