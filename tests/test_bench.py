@@ -225,6 +225,11 @@ def test_load_samples_errors(tmp_path):
     bad.write_text('{"id": 1, "image": "x.png"}\n')
     with pytest.raises(MSDError, match="conversations"):
         load_samples(str(bad))
+    # A malformed row is reported by its line in the file, counting blank lines.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": 1}\n\n{bad json\n')
+    with pytest.raises(MSDError, match=r"invalid JSON on line 3 of .*broken\.jsonl"):
+        load_samples(str(broken))
     local = load_samples("local")
     assert {sample.task for sample in local} == {"vqa", "caption"}
     assert all(sample.images and sample.reference for sample in local)

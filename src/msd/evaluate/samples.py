@@ -59,13 +59,22 @@ def load_llava_file(path: Path, image_folder: Path, limit: int | None = None) ->
     if not path.is_file():
         raise MSDError(f"evaluation file not found: {path}")
     text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise MSDError(
+                    f"invalid JSON on line {number} of {path}: {error.msg} (column {error.colno}). Fix or remove that line."
+                ) from None
+    else:
+        try:
             rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MSDError(f"invalid JSON in {path}: {error}") from None
+        except json.JSONDecodeError as error:
+            raise MSDError(f"invalid JSON in {path}: {error}") from None
     if not isinstance(rows, list):
         raise MSDError(f"{path} must contain a list of LLaVA-format rows, got {type(rows).__name__}")
     rows = rows[:limit] if limit else rows
