@@ -68,7 +68,8 @@ def load_llava_file(path: Path, image_folder: Path, limit: int | None = None) ->
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise MSDError(
-                    f"invalid JSON on line {number} of {path}: {error.msg} (column {error.colno}). Fix or remove that line."
+                    f"invalid JSON on line {number} of {path}: {error.msg} (column {error.colno}). "
+                    "Fix or remove that line."
                 ) from None
     else:
         try:
