@@ -181,16 +181,18 @@ def test_unusable_device_is_clear_error(saved, capsys):
         assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_one_token_stats_json_valid(saved, tmp_path):
-    # A one-token output has no decoding forward: tau is null in the JSON file, which stays strict JSON.
+def test_one_token_stats_json_valid(saved, tmp_path, capsys):
+    # A one-token output has no decoding forward: tau is null in the JSON file, which stays strict JSON, and n/a.
     stats = tmp_path / "stats.json"
     code = main([
         "generate", "--target", str(saved / "target"), "--draft", str(saved / "draft"), "--prompt", "hi",
-        "--max-new-tokens", "1", "--no-stream", "--stats-json", str(stats),
+        "--max-new-tokens", "1", "--no-stream", "--compare", "--stats-json", str(stats),
     ])
     assert code == 0
+    assert "tau nan" not in capsys.readouterr().err
     report = json.loads(stats.read_text())
     assert report["msd"]["tau"] is None
+    assert report["plain"]["tau"] is None
 
 
 def test_truncated_target_weights_clear_error(saved, tmp_path, capsys):

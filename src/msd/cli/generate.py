@@ -165,12 +165,12 @@ def run(arguments: argparse.Namespace) -> int:
 def _print_stats(label: str, stats) -> None:
     accepted = stats.accepted_lengths
     mean_accepted = sum(accepted) / len(accepted) if accepted else 0.0
+    tau = f"{stats.tau:.2f}" if accepted else "n/a"  # no decoding forward when the first token ended generation
     if label == "plain":  # every target forward decodes one token, and nothing is drafted
         phases = f"decoding {stats.verify_time:.2f} s"
-        acceptance = f"tau {stats.tau:.2f} tokens per target forward"
+        acceptance = f"tau {tau} tokens per target forward"
     else:
         phases = f"drafting {stats.draft_time:.2f} s, verification {stats.verify_time:.2f} s"
-        tau = f"{stats.tau:.2f}" if accepted else "n/a"  # no decoding forward when the first token ended generation
         acceptance = f"tau {tau} tokens per target forward, mean accepted length {mean_accepted:.2f}"
     print(
         f"[{label}] {stats.new_tokens} tokens in {stats.total_time:.2f} s ({stats.tokens_per_second:.1f} tokens/s); "

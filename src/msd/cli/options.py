@@ -38,7 +38,7 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         default=AUTO,
         metavar="N|auto",
         help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens, which speeds up "
-        "few-token forwards on some CPUs and slows them on others (README). auto times both products at load and "
+        "few-token forwards on some CPUs and slows them on others. auto times both products at load and "
         "picks N, 0 keeps PyTorch's layers (default auto). bfloat16 targets with batch-invariant kernels ignore it",
     )
 
