@@ -16,6 +16,7 @@ from torch import nn
 from msd.decoding import DraftTree, SpeculativeGenerator, TreeParams
 from msd.decoding.drafter import MSDDrafter
 from msd.draft import DraftConfig, DraftModel
+from msd.draft.quantize import Int8Linear
 from msd.errors import MSDError
 from msd.cli import main
 from msd.evaluate.method_setup import FUSED_PROMPT_REASON, build_methods, drop_unsupported
@@ -319,8 +320,8 @@ def test_packed_draft_copy(bf16_llava):
     draft = DraftModel(DraftConfig.for_target(target, draft_vocab_size=64)).attach(target)
     packed = draft.packed_copy()
     assert type(draft.fc) is nn.Linear
-    assert type(packed.fc) is InvariantLinear
-    assert not packed.fc.pad  # drafting needs no batch invariance
+    assert type(packed.fc) is Int8Linear  # every width of this draft is a multiple of 16
+    assert type(packed._shared["head_layer"]) is Int8Linear
     assert packed._shared["embed"] is draft._shared["embed"]
     tokens = torch.randint(0, target.vocab_size, (1, 5))
     features = torch.randn(1, 5, target.hidden_size, dtype=torch.bfloat16)
@@ -335,7 +336,7 @@ def test_drafter_packs_own_copy(bf16_llava):
     target = bf16_llava.target
     draft = DraftModel(DraftConfig.for_target(target))
     drafter = MSDDrafter(draft, target)
-    assert type(drafter.draft.fc) is InvariantLinear
+    assert type(drafter.draft.fc) is Int8Linear
     assert drafter.draft.fc.weight.dtype == torch.bfloat16
     assert type(draft.fc) is nn.Linear
     assert draft.fc.weight.dtype == torch.float32

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msd.decoding.drafter import MSDDrafter
+from msd.decoding.drafter import MSDDrafter, depth_first
 from msd.decoding.tree import TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
@@ -265,3 +265,10 @@ def test_saved_draft_permissions(llava_family, tmp_path):
     finally:
         os.umask(umask)
     assert {stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "draft").iterdir()} == {0o644}
+
+
+def test_depth_first_candidate_order():
+    # Children keep their listed (best-first) order and each subtree follows its parent, so the first-listed path
+    # from the root becomes nodes 1, 2, 3.
+    parent_of = [-1, -1, 0, 0, 1, 2, 4]
+    assert depth_first([0, 1, 2, 3, 4, 5], parent_of) == [0, 2, 5, 3, 1, 4]

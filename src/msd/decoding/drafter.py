@@ -18,14 +18,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-from transformers import DynamicCache
-
 from msd.decoding.lookup import NgramIndex
 from msd.decoding.tree import DraftTree, TreeParams, graft_chain, select_nodes
 from msd.decoding.vocabulary import DraftVocabulary
 from msd.draft.model import DraftModel, causal_mask
+from msd.draft.runner import DraftRunner
 from msd.targets import batch_invariant
-from msd.targets.base import PrefillOutput, TargetAdapter, TargetState, truncate_cache
+from msd.targets.base import PrefillOutput, TargetAdapter, TargetState
 
 
 class Drafter(ABC):
@@ -65,7 +64,7 @@ class MSDDrafter(Drafter):
         self.target = target
         self.prompt_vocabulary = prompt_vocabulary
         self.vocabulary = DraftVocabulary(draft)
-        self.cache: DynamicCache | None = None
+        self.runner = DraftRunner(draft)  # the draft's forward and its key-value cache
         self.cache_length = 0  # draft slots whose keys and values are kept across cycles
         self.next_position = 0  # target position id of the token after the root
         self.root_feature: torch.Tensor | None = None  # (H,) draft output at the root's slot
@@ -95,7 +94,7 @@ class MSDDrafter(Drafter):
         self.ngrams = NgramIndex()
         self.ngrams.extend(prefill.input_ids[~prefill.visual_mask].tolist() + [first_token])
         self.grafts = 0
-        self.cache = DynamicCache()
+        self.runner.reset()
         self.cache_length = 0
         self.next_position = state.next_position + 1
         self._extend(next_tokens, prefill.hidden_states, next_positions, next_visual, next_embeds)
@@ -103,7 +102,7 @@ class MSDDrafter(Drafter):
     @torch.no_grad()
     def update(self, new_tokens: torch.Tensor, accepted_hidden: torch.Tensor) -> None:
         count = new_tokens.shape[0]
-        truncate_cache(self.cache, self.cache_length)  # drop the tree slots drafted this cycle
+        self.runner.truncate(self.cache_length)  # drop the tree slots drafted this cycle
         positions = self._positions(torch.arange(count, device=self.target.device))
         self._extend(new_tokens.to(self.target.device), accepted_hidden, positions)
         self.next_position += count
@@ -118,15 +117,7 @@ class MSDDrafter(Drafter):
         """Append slots to the draft cache; the last slot's output becomes the next root's."""
         count = tokens.shape[0]
         mask = causal_mask(count, self.draft.fc.weight.dtype, tokens.device, cached=self.cache_length)
-        hidden = self.draft(
-            tokens[None],
-            features[None],
-            positions[:, None],
-            attention_mask=mask[None, None],
-            cache=self.cache,
-            visual_embeds=None if visual_embeds is None else visual_embeds[None],
-            visual_mask=None if visual_mask is None else visual_mask[None],
-        )[0]
+        hidden = self.runner.extend(tokens, features, positions, mask, visual_embeds, visual_mask)
         self.cache_length += count
         self.root_feature = hidden[-1]
         self.root_logprobs = torch.log_softmax(self.vocabulary.logits(hidden[-1]).float(), dim=-1)
@@ -150,70 +141,82 @@ class MSDDrafter(Drafter):
         depth = min(params.depth, max_depth, params.total_tokens - 1)  # no path is longer than the tree's size
         if depth < 1 or params.total_tokens < 2:
             return DraftTree.chain([root_token])
-        device = self.target.device
         top_k = min(params.top_k, self.root_logprobs.shape[0])
 
-        # Candidates are stored parents-first: tokens (draft-vocabulary ids), parent index (-1 = root), score.
-        scores, tokens = self.root_logprobs.topk(top_k)
-        cand_tokens = [tokens]
-        cand_parents = [torch.full((top_k,), -1, dtype=torch.long, device=device)]
-        cand_scores = [scores]
-        frontier = torch.arange(top_k, device=device)  # candidate indices expanded next
+        # Candidates are stored parents-first: token (draft-vocabulary id), parent (-1 = root), cumulative log-prob.
+        # Parents stay a host list, so the loops over them run without reading tensors.
+        frontier_scores, frontier_tokens = self.root_logprobs.topk(top_k)  # (k,) each
+        cand_tokens, cand_scores = [frontier_tokens], [frontier_scores]
+        parent_of = [-1] * top_k
+        frontier = list(range(top_k))  # candidate indices of the nodes expanded next
         frontier_features = self.root_feature.expand(top_k, -1)  # (k, H) feature of each frontier node's parent
         fed_slot: dict[int, int] = {}  # candidate index -> draft cache slot, for the tree attention mask
-        parent_of = [-1] * top_k  # candidate parents as a host list: the mask loop reads it without device syncs
-        count = top_k
 
         for step in range(1, depth):
-            frontier_tokens = torch.cat(cand_tokens)[frontier]
             hidden = self._feed_frontier(frontier, frontier_tokens, frontier_features, parent_of, fed_slot, step)
             logprobs = torch.log_softmax(self.vocabulary.logits(hidden).float(), dim=-1)  # (k, V_draft)
             child_scores, child_tokens = logprobs.topk(top_k, dim=-1)  # (k, k)
-            child_scores = child_scores + torch.cat(cand_scores)[frontier][:, None]  # cumulative log-probability
+            child_scores = (child_scores + frontier_scores[:, None]).view(-1)  # cumulative log-probability
+            child_tokens = child_tokens.view(-1)
+            first = len(parent_of)
+            parent_of += [node for node in frontier for _ in range(top_k)]
+            cand_tokens.append(child_tokens)
+            cand_scores.append(child_scores)
 
-            cand_tokens.append(child_tokens.reshape(-1))
-            new_parents = frontier.repeat_interleave(top_k)
-            cand_parents.append(new_parents)
-            cand_scores.append(child_scores.reshape(-1))
-            parent_of += new_parents.tolist()
-
-            best = child_scores.reshape(-1).topk(top_k).indices  # next frontier among the new children
+            frontier_scores, best = child_scores.topk(top_k)  # next frontier among the new children
+            frontier = [first + index for index in best.tolist()]
+            frontier_tokens = child_tokens[best]
             frontier_features = hidden[best // top_k]
-            frontier = count + best
-            count += top_k * top_k
 
-        scores = torch.cat(cand_scores)
-        parents = torch.cat(cand_parents)
-        chosen = select_nodes(scores.cpu(), parents.cpu(), params.total_tokens - 1).to(device)
-        # Renumber: the root becomes node 0 and chosen candidate chosen[i] becomes node i + 1.
-        new_index = torch.full((count,), -1, dtype=torch.long, device=device)
-        new_index[chosen] = torch.arange(1, chosen.shape[0] + 1, device=device)
-        chosen_parents = parents[chosen]
-        tree_parents = torch.where(chosen_parents < 0, 0, new_index[chosen_parents.clamp(min=0)])
-        target_tokens = self.vocabulary.to_target_ids(torch.cat(cand_tokens)[chosen])
+        chosen = select_nodes(torch.cat(cand_scores).cpu(), torch.tensor(parent_of), params.total_tokens - 1)
+        order = depth_first(chosen.tolist(), parent_of)
+        # Renumber: the root becomes node 0 and candidate order[i] becomes node i + 1.
+        node_of = {candidate: node for node, candidate in enumerate(order, start=1)}
+        parents = [-1] + [node_of.get(parent_of[candidate], 0) for candidate in order]
+        tokens = self.vocabulary.to_target_ids(torch.cat(cand_tokens)[torch.tensor(order, device=self.target.device)])
         return DraftTree(
-            tokens=torch.cat([torch.tensor([root_token], device=device), target_tokens]).cpu(),
-            parents=torch.cat([torch.tensor([-1], device=device), tree_parents]).cpu(),
+            tokens=torch.cat([torch.tensor([root_token]), tokens.cpu()]),
+            parents=torch.tensor(parents),
         )
 
     def _feed_frontier(self, frontier, tokens, features, parent_of, fed_slot, step) -> torch.Tensor:
         """Run the draft on the frontier nodes; each attends to the kept slots, its fed ancestors and itself."""
-        k = frontier.shape[0]
+        k = len(frontier)
         device = tokens.device
-        first_slot = self.cache.get_seq_length()
-        allowed = torch.zeros(k, first_slot + k, dtype=torch.bool)  # built on the host, moved once
-        allowed[:, : self.cache_length] = True
-        for row, node in enumerate(frontier.tolist()):
-            allowed[row, first_slot + row] = True
+        first_slot = self.runner.length
+        dtype = self.draft.fc.weight.dtype
+        mask = torch.full((k, first_slot + k), torch.finfo(dtype).min, dtype=dtype)  # built on the host, moved once
+        mask[:, : self.cache_length] = 0
+        for row, node in enumerate(frontier):
+            visible = [first_slot + row]
             ancestor = parent_of[node]
             while ancestor >= 0:
-                allowed[row, fed_slot[ancestor]] = True
+                visible.append(fed_slot[ancestor])
                 ancestor = parent_of[ancestor]
+            mask[row, visible] = 0
             fed_slot[node] = first_slot + row
-        dtype = self.draft.fc.weight.dtype
-        allowed = allowed.to(device)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = mask.to(device)
         # Frontier nodes are at depth `step`, and `next_position` is the position of depth 1.
         positions = self._positions(torch.full((k,), step - 1, device=device))
         token_ids = self.vocabulary.to_target_ids(tokens)
-        return self.draft(token_ids[None], features[None], positions[:, None], mask[None, None], self.cache)[0]
+        return self.runner.extend(token_ids, features, positions, mask)
+
+
+def depth_first(candidates: list[int], parent_of: list[int]) -> list[int]:
+    """Order tree candidates depth first, each node's children in the order they were listed.
+
+    candidates: indices into `parent_of` (-1 = child of the root), closed under parents and sorted. The draft lists
+    each node's children best first, so the draft's most likely path becomes nodes 1, 2, 3, ... When the target
+    accepts that path, its cache entries are already in place and `TargetAdapter.keep_accepted` moves nothing.
+    """
+    children: dict[int, list[int]] = {-1: []}
+    for candidate in candidates:
+        children[candidate] = []
+        children[parent_of[candidate]].append(candidate)
+    order: list[int] = []
+    stack = children[-1][::-1]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack += children[node][::-1]
+    return order

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from msd.draft.model import DraftModel
+from msd.draft.quantize import Int8Linear, quantizable
 
 
 class DraftVocabulary:
@@ -33,6 +34,9 @@ class DraftVocabulary:
         self.draft = draft
         self.added_ids = added_ids  # (E,) target ids, or None
         self.added_head = added_head  # (E, H) the target's LM-head rows of added_ids, or None
+        self.added_layer = None  # the same rows as int8 weights, for a packed draft
+        if added_head is not None and draft.packed and quantizable(added_head):
+            self.added_layer = Int8Linear.from_weight(added_head)
 
     @classmethod
     def for_prompt(
@@ -64,7 +68,10 @@ class DraftVocabulary:
         logits = self.draft.compute_logits(hidden)
         if self.added_head is None:
             return logits
-        added = F.linear(hidden.to(self.added_head.dtype), self.added_head)  # (..., E)
+        if self.added_layer is not None:
+            added = self.added_layer(hidden)  # (..., E)
+        else:
+            added = F.linear(hidden.to(self.added_head.dtype), self.added_head)
         return torch.cat([logits, added.to(logits.dtype)], dim=-1)
 
     def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:

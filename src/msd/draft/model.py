@@ -35,6 +35,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoder
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding
 
 from msd.draft.config import DraftConfig
+from msd.draft.quantize import Int8Linear, quantizable, quantize_linear_layers
 from msd.errors import MSDError
 from msd.files import atomic_save_tensors
 from msd.targets.batch_invariant import InvariantLinear, pack_linear_layers
@@ -104,14 +105,22 @@ class DraftModel(nn.Module):
         return self.clone().pack()
 
     def pack(self) -> DraftModel:
-        """Switch this draft's linear layers and LM head to weights prepacked for oneDNN, in place, for bfloat16
-        decoding on CPU (`msd.targets.batch_invariant.InvariantLinear`), and return it. On the embedded default draft
-        that saved about 0.7 ms of drafting per cycle on a 2-core Xeon with AMX, measured when the packed layers still
-        padded their inputs to 16 rows. A packed draft cannot be trained."""
+        """Switch this draft's linear layers and LM head to faster CPU kernels for bfloat16 drafting, in place, and
+        return it: weight-only int8 (`msd.draft.quantize.Int8Linear`) where the weight's shape allows, elsewhere
+        weights prepacked for oneDNN (`msd.targets.batch_invariant.InvariantLinear`, unpadded: drafting needs speed,
+        not batch invariance). A packed draft cannot be trained."""
         head = self._require("head")
-        pack_linear_layers(self, pad=False)  # drafting needs speed, not batch invariance
-        self._shared["head_layer"] = InvariantLinear.from_weight(head, pad=False)
+        pack_linear_layers(self, pad=False)
+        quantize_linear_layers(self)
+        self._shared["head_layer"] = (
+            Int8Linear.from_weight(head) if quantizable(head) else InvariantLinear.from_weight(head, pad=False)
+        )
         return self.requires_grad_(False)
+
+    @property
+    def packed(self) -> bool:
+        """True after `pack`."""
+        return "head_layer" in self._shared
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self._require("embed")).to(self.fc.weight.dtype)
@@ -155,10 +164,7 @@ class DraftModel(nn.Module):
         visual_embeds: (B, T, H) and visual_mask: (B, T) bool, for visual slots.
         Returns the predicted features (B, T, H).
         """
-        hidden = self.fc(torch.cat([self.embed(token_ids), features.to(self.fc.weight.dtype)], dim=-1))
-        if self.config.decouple_visual and visual_mask is not None and bool(visual_mask.any()):
-            hidden = torch.where(visual_mask[..., None], visual_embeds.to(hidden.dtype), hidden)
-
+        hidden = self.fuse_inputs(token_ids, features, visual_embeds, visual_mask)
         if attention_mask is None:
             attention_mask = causal_mask(token_ids.shape[1], hidden.dtype, hidden.device)[None, None]
         position_ids = position_ids if self.position_rows == 3 else position_ids[0]
@@ -172,6 +178,20 @@ class DraftModel(nn.Module):
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )
+        return hidden
+
+    def fuse_inputs(
+        self,
+        token_ids: torch.Tensor,
+        features: torch.Tensor,
+        visual_embeds: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder input of each slot (see the module docstring): token_ids (..., T), features (..., T, H),
+        visual_embeds (..., T, H) and visual_mask (..., T) -> (..., T, H)."""
+        hidden = self.fc(torch.cat([self.embed(token_ids), features.to(self.fc.weight.dtype)], dim=-1))
+        if self.config.decouple_visual and visual_mask is not None and bool(visual_mask.any()):
+            hidden = torch.where(visual_mask[..., None], visual_embeds.to(hidden.dtype), hidden)
         return hidden
 
     # -- files ----------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def time_draft_proposal(
             start = wall_clock(target.device)
             drafter.propose(first_token, replace(tree, depth=depth), max_depth=depth)
             samples.append(wall_clock(target.device) - start)
-            truncate_cache(drafter.cache, kept)  # drop the slots the proposal appended
+            drafter.runner.truncate(kept)  # drop the slots the proposal appended
         times[depth] = statistics.median(samples[1:])
     return times
 
