@@ -50,12 +50,24 @@ def tree_mask(cached, parents, dtype):
 
 
 def test_runner_matches_module_forward(family):
-    # A prompt, a tree of slots with its mask, then dropping the tree and appending past the first allocation: the
-    # runner's fast path (LLaVA's Llama layers) and its module path (Qwen2-VL) must predict what the module predicts.
-    target = family.target
+    # The runner's fast path (LLaVA's Llama layers) and its module path (Qwen2-VL) predict what the module predicts.
+    runner = check_runner_matches_module(family.target)
+    assert runner.fast == (family.name == "llava")
+
+
+def test_runner_fast_path_qwen2_layers():
+    # Qwen2 decoder layers have biased query, key and value projections, which the fused projection must keep.
+    model, _ = build_llava(seed=2, text_family="qwen2")
+    runner = check_runner_matches_module(adapter_for(model))
+    assert runner.fast
+    assert runner.layers[0].qkv.bias is not None
+
+
+def check_runner_matches_module(target) -> DraftRunner:
+    """Compare a runner with the module forward over a prompt, a tree of slots with its mask, then, after dropping
+    the tree, over more slots than the runner first reserved. Returns the runner."""
     draft = make_draft(target)
     runner = DraftRunner(draft)
-    assert runner.fast == (family.name == "llava")
     runner.reset()
     cache = DynamicCache()
     generator = torch.Generator().manual_seed(0)
@@ -72,11 +84,12 @@ def test_runner_matches_module_forward(family):
 
     runner.truncate(40)
     truncate_cache(cache, 40)
-    tokens, features, positions = random_slots(target, draft, 300, 40, generator)  # more slots than first reserved
+    tokens, features, positions = random_slots(target, draft, 300, 40, generator)
     mask = causal_mask(300, target.dtype, "cpu", cached=40)
     expected = module_forward(draft, cache, tokens, features, positions, mask)
     torch.testing.assert_close(runner.extend(tokens, features, positions, mask), expected)
     assert runner.length == 340
+    return runner
 
 
 def test_runner_truncate_beyond_length_rejected(llava_family):

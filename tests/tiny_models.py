@@ -20,6 +20,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -82,10 +83,12 @@ def build_llava(
     words: list[str] | None = None,
     hidden_size: int = 64,
     intermediate_size: int = 128,
+    text_family: str = "llama",
 ):
     """A tiny LLaVA-1.5-shaped model and its processor. Each image becomes (image_size / 14)^2 visual tokens.
 
     With `words`, the tokenizer is word-level over those words plus the template's; otherwise byte-level BPE.
+    text_family "qwen2" swaps the Llama language model for a Qwen2 one (biased query, key and value projections).
     """
     specials = ["<unk>", "<s>", "</s>", "<image>"]
     if words is None:
@@ -105,7 +108,8 @@ def build_llava(
         patch_size=IMAGE_PATCH,
         projection_dim=32,
     )
-    text = LlamaConfig(
+    text_config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text_family]
+    text = text_config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
