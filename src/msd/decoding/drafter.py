@@ -18,6 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+
 from msd.decoding.lookup import NgramIndex
 from msd.decoding.tree import DraftTree, TreeParams, graft_chain, select_nodes
 from msd.decoding.vocabulary import DraftVocabulary
