@@ -233,6 +233,43 @@ def test_drafter_tree_matches_sequential(family, images, tree, num_layers):
         assert set(children[node]) <= top, (node, path_tokens)
 
 
+def eagle2_paths(family, inputs, draft, root, tree):
+    """EAGLE-2's tree computed from sequential drafting: the token paths of the best `total_tokens - 1` candidates."""
+    drafter = MSDDrafter(draft, family.target)
+    prefill, state = family.target.prefill(inputs)
+    drafter.start(prefill, state, root)
+    to_target = drafter.vocabulary.to_target_ids
+
+    def children(score, path):
+        logprobs = sequential_logprobs(family, inputs, draft, [root, *path])
+        scores, indices = logprobs.topk(tree.top_k)
+        tokens = to_target(indices).tolist()
+        return [(score + float(child), (*path, token)) for child, token in zip(scores, tokens)]
+
+    frontier = children(0.0, ())
+    candidates = list(frontier)
+    for _ in range(1, tree.depth):
+        grown = [child for score, path in frontier for child in children(score, path)]
+        candidates += grown
+        frontier = sorted(grown, reverse=True)[: tree.top_k]
+    return {path for _, path in sorted(candidates, reverse=True)[: tree.total_tokens - 1]}
+
+
+@pytest.mark.parametrize("tree", [TreeParams(3, 2, 6, lookup_tokens=0), TreeParams(4, 3, 9, lookup_tokens=0)])
+def test_drafter_tree_matches_eagle2(family, images, tree):
+    # The proposed tree contains exactly the candidates EAGLE-2 selects when every score comes from drafting the path
+    # one token at a time. This checks the cumulative scores, the frontier choice and the tree attention mask.
+    inputs = family.make_inputs("Describe it", images[:1])
+    draft = make_draft(family.target, seed=6)
+    drafter = MSDDrafter(draft, family.target)
+    prefill, state = family.target.prefill(inputs)
+    root = int(prefill.logits.argmax())
+    drafter.start(prefill, state, root)
+    proposed = drafter.propose(root, tree, max_depth=10)
+    paths = {tuple(proposed.tokens[proposed.path_to(node)[1:]].tolist()) for node in range(1, len(proposed))}
+    assert paths == eagle2_paths(family, inputs, draft, root, tree)
+
+
 def test_drafter_depth_capped_by_tree_size(llava_family, images, monkeypatch):
     # A 3-token tree has room for a path of two drafted tokens, so a depth of 5 runs one expansion step, not four.
     drafter = MSDDrafter(make_draft(llava_family.target, seed=5), llava_family.target)

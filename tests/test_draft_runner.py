@@ -100,6 +100,33 @@ def test_runner_truncate_beyond_length_rejected(llava_family):
         runner.truncate(3)
 
 
+def test_runner_mask_width_checked(llava_family):
+    # A mask built for another cache length would broadcast into an opaque attention error, so it fails early.
+    target = llava_family.target
+    draft = make_draft(target)
+    runner = DraftRunner(draft)
+    runner.reset()
+    tokens, features, positions = random_slots(target, draft, 4, 0, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="the mask covers 6 slots"):
+        runner.extend(tokens, features, positions, causal_mask(4, target.dtype, "cpu", cached=2))
+
+
+def test_runner_reset_starts_new_sequence(family):
+    # After reset the runner forgets the earlier sequence: a new prompt predicts what a fresh module forward does.
+    target = family.target
+    draft = make_draft(target)
+    runner = DraftRunner(draft)
+    runner.reset()
+    generator = torch.Generator().manual_seed(3)
+    runner.extend(*random_slots(target, draft, 20, 0, generator), causal_mask(20, target.dtype, "cpu"))
+    runner.reset()
+    assert runner.length == 0
+    tokens, features, positions = random_slots(target, draft, 8, 0, generator)
+    mask = causal_mask(8, target.dtype, "cpu")
+    expected = module_forward(draft, DynamicCache(), tokens, features, positions, mask)
+    torch.testing.assert_close(runner.extend(tokens, features, positions, mask), expected)
+
+
 @needs_bf16
 def test_packed_runner_close_to_module():
     # A packed bfloat16 draft runs fused projections, in int8 for a few slots (the second call). Its predictions stay

@@ -207,7 +207,7 @@ def depth_first(candidates: list[int], parent_of: list[int]) -> list[int]:
     """Order tree candidates depth first, each node's children in the order they were listed.
 
     candidates: indices into `parent_of` (-1 = child of the root), closed under parents and sorted. The draft lists
-    each node's children best first, so the draft's most likely path becomes nodes 1, 2, 3, ... When the target
+    each node's children best first, so the chain of best children becomes nodes 1, 2, 3, ... When the target
     accepts that path, its cache entries are already in place and `TargetAdapter.keep_accepted` moves nothing.
     """
     children: dict[int, list[int]] = {-1: []}

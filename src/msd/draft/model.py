@@ -106,9 +106,11 @@ class DraftModel(nn.Module):
 
     def pack(self) -> DraftModel:
         """Switch this draft's linear layers and LM head to faster CPU kernels for bfloat16 drafting, in place, and
-        return it: weight-only int8 (`msd.draft.quantize.Int8Linear`) where the weight's shape allows, elsewhere
-        weights prepacked for oneDNN (`msd.targets.batch_invariant.InvariantLinear`, unpadded: drafting needs speed,
-        not batch invariance). A packed draft cannot be trained."""
+        return it.
+
+        Layers get weight-only int8 (`msd.draft.quantize.Int8Linear`) where the weight's shape allows, and weights
+        prepacked for oneDNN (`msd.targets.batch_invariant.InvariantLinear`) elsewhere, unpadded because drafting
+        needs speed rather than batch invariance. A packed draft cannot be trained."""
         head = self._require("head")
         pack_linear_layers(self, pad=False)
         quantize_linear_layers(self)
@@ -119,8 +121,8 @@ class DraftModel(nn.Module):
 
     @property
     def packed(self) -> bool:
-        """True after `pack`."""
-        return "head_layer" in self._shared
+        """Whether `pack` switched this draft's layers to msd's CPU kernels."""
+        return isinstance(self.fc, (InvariantLinear, Int8Linear))
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self._require("embed")).to(self.fc.weight.dtype)

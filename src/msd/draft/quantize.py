@@ -5,10 +5,10 @@ cost follows the weights' size. `Int8Linear` stores every output row as int8 val
 (symmetric: the row's largest magnitude maps to 127) and multiplies bfloat16 inputs through PyTorch's
 `_weight_int8pack_mm`, half the bytes of bfloat16 weights. That kernel's time grows with the number of input rows,
 so products of more than `INT8_MAX_ROWS` rows (the prompt, wide tree levels) use oneDNN's bfloat16 kernel on
-prepacked weights instead. The six products of one drafting step of the embedded default draft, with weights out
-of cache, took 0.57 ms in int8 against 0.88 ms in bfloat16 for one row on a 2-core Xeon with AMX. For four rows they
-took 0.73 against 0.88 ms and for five 0.94 against 0.91 ms. For 100 rows the fused gate and up product took ten
-times as long in int8.
+prepacked weights instead. The six products of one drafting step of the embedded default draft were timed on a
+2-core Xeon with AMX, with other memory traffic in between so that the weights came from memory as in decoding. For
+one row they took 0.57 ms in int8 against 0.88 ms in bfloat16, for four rows 0.73 against 0.88 ms and for five 0.94
+against 0.91 ms. For 100 rows the fused gate and up product took ten times as long in int8.
 
 Drafting tolerates the rounding: the target verifies every drafted token, so generated text stays the target's.
 `_weight_int8pack_mm` needs input widths that are multiples of 16 (other widths crashed or gave wrong products in
@@ -41,9 +41,9 @@ MAX_RELATIVE_ERROR = 0.05
 class Int8Linear(nn.Module):
     """A bfloat16 linear layer that multiplies up to `INT8_MAX_ROWS` rows with int8 weights and per-row scales.
 
-    Keeps the wrapped layer's `weight` and `bias` parameters (same state-dict names) beside an int8 copy and, once
-    more rows come, a copy reordered for oneDNN. Both are made once: change the weights afterwards and the layer goes
-    stale.
+    Keeps the wrapped layer's `weight` and `bias` parameters (same state-dict names) beside an int8 copy. A copy
+    reordered for oneDNN is made on the first product of more than `INT8_MAX_ROWS` rows. Change the weights afterwards
+    and the layer goes stale, because neither copy is made again.
     """
 
     def __init__(self, linear: nn.Module):
@@ -57,7 +57,7 @@ class Int8Linear(nn.Module):
         quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
         self.register_buffer("quantized", quantized, persistent=False)
         self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
-        self.packed: torch.Tensor | None = None  # the weight reordered for oneDNN, made when more rows first come
+        self.packed: torch.Tensor | None = None  # the weight reordered for oneDNN, made on first use
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Int8Linear:

@@ -10,14 +10,14 @@ projection). `DraftRunner` runs the same layers with
 - keys and values written in place into a preallocated cache, so dropping a cycle's tree slots only moves a length;
 - grouped-query attention in one `scaled_dot_product_attention` call (`enable_gqa`), without copying key heads.
 
-The result equals the module forward up to floating-point rounding. Some drafts need more than this: multimodal
-rotary positions, sliding-window attention, or a family not listed in `FAST_FAMILIES`. They run through the module
-forward with a `DynamicCache` behind the same interface, and so do drafts on a device other than the CPU. Either way
-the target verifies every drafted token, so the choice does not change generated text.
+The result equals the module forward up to floating-point rounding. Drafts with multimodal rotary positions
+(Qwen2-VL) or of a family not listed in `FAST_FAMILIES` run through the module forward with a `DynamicCache` behind
+the same interface, and so do drafts on a device other than the CPU. Either way the target verifies every drafted
+token, so the choice does not change generated text.
 
-Measured on the embedded default draft (2-core Xeon with AMX, bfloat16, weights in int8 where `msd.draft.quantize`
-allows): drafting took about 4.8 ms per cycle, against 5.8 ms through the module forward with prepacked bfloat16
-weights.
+On the embedded default draft next to its bfloat16 target (2-core Xeon with AMX, int8 weights where
+`msd.draft.quantize` allows), drafting took about 4.8 ms per cycle against 5.8 ms through the module forward with
+prepacked bfloat16 weights. Both were timed inside decoding of the benchmark's four questions.
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ class DraftRunner:
     def truncate(self, length: int) -> None:
         """Keep the first `length` slots."""
         if length > self.length:
-            raise ValueError(f"cannot keep {length} slots of a cache holding {self.length}")
+            raise ValueError(
+                f"cannot keep {length} slots: the draft cache contains {self.length}. Pass a length of at most "
+                f"{self.length}."
+            )
         if not self.fast:
             truncate_cache(self.cache, length)
         self.length = length
@@ -83,6 +86,12 @@ class DraftRunner:
         mask: additive (T, length + T) over the cached slots and the new ones;
         visual_embeds (T, H) and visual_mask (T,) bool for visual slots. Returns (T, H).
         """
+        count = token_ids.shape[0]
+        if mask.shape[-1] != self.length + count:
+            raise ValueError(
+                f"the mask covers {mask.shape[-1]} slots, but the draft cache contains {self.length} and {count} are "
+                f"new. Build it over {self.length + count} slots."
+            )
         if not self.fast:
             self.cache = self.cache if self.cache is not None else DynamicCache()
             hidden = self.draft(
@@ -94,11 +103,10 @@ class DraftRunner:
                 visual_embeds=None if visual_embeds is None else visual_embeds[None],
                 visual_mask=None if visual_mask is None else visual_mask[None],
             )[0]
-            self.length += token_ids.shape[0]
+            self.length += count
             return hidden
 
         hidden = self.draft.fuse_inputs(token_ids, features, visual_embeds, visual_mask)  # (T, H)
-        count = token_ids.shape[0]
         self._reserve(self.length + count)
         cos, sin = self.draft.rotary_emb(hidden, positions[:1])  # (1, T, D) each
         mask = mask[None, None]  # (1, 1, T, length + T)
@@ -108,7 +116,7 @@ class DraftRunner:
         return hidden
 
     def _reserve(self, slots: int) -> None:
-        """Make room for `slots` cached slots, keeping the ones held."""
+        """Make room for `slots` cached slots and keep the cached ones."""
         if self.keys is not None and self.keys.shape[2] >= slots:
             return
         capacity = max(slots, 256, 0 if self.keys is None else 2 * self.keys.shape[2])
@@ -132,7 +140,7 @@ def fast_path_fits(draft: DraftModel) -> bool:
         return False
     for layer in draft.layers:
         attention = layer.self_attn
-        if getattr(attention, "sliding_window", None) is not None or hasattr(attention, "q_norm"):
+        if hasattr(attention, "q_norm"):  # per-head query and key norms, which `FusedLayer` does not apply
             return False
     return True
 
