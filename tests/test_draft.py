@@ -309,3 +309,14 @@ def test_depth_first_candidate_order():
     # from the root becomes nodes 1, 2, 3.
     parent_of = [-1, -1, 0, 0, 1, 2, 4]
     assert depth_first([0, 1, 2, 3, 4, 5], parent_of) == [0, 2, 5, 3, 1, 4]
+
+
+def test_draft_path_file_or_weightless_rejected(llava_family, tmp_path):
+    # A file passed as the draft, and a draft folder without its weights, each get an error naming the fix.
+    (tmp_path / "draft.safetensors").write_bytes(b"")
+    with pytest.raises(MSDError, match="is a file, not a folder"):
+        DraftModel.from_pretrained(tmp_path / "draft.safetensors")
+    make_draft(llava_family.target).save_pretrained(tmp_path / "draft")
+    (tmp_path / "draft" / "model.safetensors").unlink()
+    with pytest.raises(MSDError, match="Copy model.safetensors into the draft folder"):
+        DraftModel.from_pretrained(tmp_path / "draft")

@@ -21,7 +21,9 @@ def load_image(path: str | Path) -> Image.Image:
             "from the image folder option of commands that have one."
         )
     if not path.is_file():
-        raise MSDError(f"image path is not a file: {path}.")
+        raise MSDError(
+            f"image path is not a file: {path}. Pass one image file (JPEG, PNG or another format Pillow reads)."
+        )
     # Some libraries (lmms-eval among them) set Pillow's process-wide LOAD_TRUNCATED_IMAGES on import, which would
     # turn a truncated file into a silently padded picture. Decode strictly here and restore the setting after.
     lenient = ImageFile.LOAD_TRUNCATED_IMAGES

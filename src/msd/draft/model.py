@@ -220,12 +220,20 @@ class DraftModel(nn.Module):
     ) -> DraftModel:
         """Load a draft saved by `save_pretrained`; missing or unexpected weights raise MSDError."""
         folder = Path(folder)
+        if folder.is_file():
+            raise MSDError(
+                f"the draft path is a file, not a folder: {folder}. Pass the folder that contains config.json and "
+                f"{WEIGHTS_NAME}, as msd train or msd convert write it."
+            )
         if not folder.is_dir():
             raise MSDError(f"draft folder not found: {folder}. Pass the folder written by msd train or msd convert.")
         config = DraftConfig.load(folder)
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
-            raise MSDError(f"no draft weights at {weights}")
+            raise MSDError(
+                f"no draft weights at {weights}. Copy {WEIGHTS_NAME} into the draft folder with its config.json, or "
+                "pass the folder written by msd train or msd convert."
+            )
         try:
             state = rename_legacy_weights(load_file(str(weights)))
         except (SafetensorError, OSError) as error:
