@@ -118,7 +118,12 @@ class TransformersMethod(Method):
         config.min_new_tokens = None
         if limits.ignore_eos:
             config.eos_token_id = None
-        options = dict(self.generate_options)
+        options = {}
+        for key, value in self.generate_options.items():  # generation settings go in the config, models as arguments
+            if hasattr(config, key):
+                setattr(config, key, value)
+            else:
+                options[key] = value
         if limits.stop_strings:
             # A stopping criterion rather than `stop_strings=`: assisted generation would pass the strings on to the
             # assistant, which has no tokenizer to match them with.
