@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from msd.draft.model import DraftModel
-from msd.draft.quantize import Int8Linear, quantizable
+from msd.draft.quantize import Int8Linear
 
 
 class DraftVocabulary:
@@ -34,8 +34,8 @@ class DraftVocabulary:
         self.draft = draft
         self.added_ids = added_ids  # (E,) target ids, or None
         self.added_head = added_head  # (E, H) the target's LM-head rows of added_ids, or None
-        self.added_layer = None  # the same rows as int8 weights, for a packed draft
-        if added_head is not None and draft.packed and quantizable(added_head):
+        self.added_layer = None  # the same rows as int8 weights, for a draft whose own head rows are int8
+        if added_head is not None and draft.int8_head:
             self.added_layer = Int8Linear.from_weight(added_head)
 
     @classmethod

@@ -124,6 +124,12 @@ class DraftModel(nn.Module):
         """Whether `pack` switched this draft's layers to msd's CPU kernels."""
         return isinstance(self.fc, (InvariantLinear, Int8Linear))
 
+    @property
+    def int8_head(self) -> bool:
+        """Whether `pack` gave this draft's LM head int8 weights, so that other rows of the target's head can have
+        them too (same width, checked once)."""
+        return isinstance(self._shared.get("head_layer"), Int8Linear)
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self._require("embed")).to(self.fc.weight.dtype)
 
