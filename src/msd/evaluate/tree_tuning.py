@@ -133,8 +133,8 @@ def tune_tree(
     timed = time_target_forward(target, inputs, sorted(set(verified.values())))
     forward_times = {size: timed[verified[size]] for size in sizes}
     proposal_times = time_draft_proposal(target, draft, inputs, replace(base, total_tokens=max(sizes)), depths)
-    logger.info("target forward times by tree size: %s", forward_times)
-    logger.info("draft proposal times by depth: %s", proposal_times)
+    logger.info("target forward time by tree size: %s", milliseconds(forward_times))
+    logger.info("draft proposal time by depth: %s", milliseconds(proposal_times))
 
     candidates = []
     for size in sizes:
@@ -154,3 +154,8 @@ def tune_tree(
     logger.info("chose total_tokens=%d depth=%d (estimated %.1f tokens/s)", chosen.total_tokens, chosen.depth,
                 best["tokens_per_second"])
     return TreeChoice(chosen, forward_times, proposal_times, candidates)
+
+
+def milliseconds(times: dict[int, float]) -> str:
+    """Format {size: seconds} as "size: N.N ms" pairs for a log line."""
+    return ", ".join(f"{key}: {seconds * 1e3:.1f} ms" for key, seconds in times.items())
