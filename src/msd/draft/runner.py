@@ -35,6 +35,8 @@ from msd.targets.batch_invariant import InvariantLinear
 #: language-model families whose decoder layer `DraftRunner` reproduces: pre-norm attention and gated MLP,
 #: rotary positions on one position row
 FAST_FAMILIES = ("llama", "mistral", "qwen2")
+#: slots the cache is first allocated for; it doubles when a sequence outgrows it
+FIRST_CAPACITY = 256
 
 
 class DraftRunner:
@@ -119,7 +121,7 @@ class DraftRunner:
         """Make room for `slots` cached slots and keep the cached ones."""
         if self.keys is not None and self.keys.shape[2] >= slots:
             return
-        capacity = max(slots, 256, 0 if self.keys is None else 2 * self.keys.shape[2])
+        capacity = max(slots, FIRST_CAPACITY, 0 if self.keys is None else 2 * self.keys.shape[2])
         first = self.layers[0]
         weight = self.draft.fc.weight
         shape = (len(self.layers), first.kv_heads, capacity, first.head_dim)
