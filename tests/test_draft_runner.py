@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from msd.decoding.vocabulary import DraftVocabulary
 from msd.draft import DraftConfig, DraftModel
 from msd.draft.model import causal_mask
-from msd.draft.quantize import Int8Linear, quantizable, quantize_linear_layers
+from msd.draft.quantize import Int8Linear, quantize_linear_layers, to_int8
 from msd.draft.runner import DraftRunner
 from msd.targets import adapter_for
 from msd.targets.base import truncate_cache
@@ -112,7 +112,7 @@ def test_runner_mask_width_checked(llava_family):
 
 
 def test_runner_reset_starts_new_sequence(family):
-    # After reset the runner forgets the earlier sequence: a new prompt predicts what a fresh module forward does.
+    # After reset the runner drops the earlier sequence: a new prompt predicts what a fresh module forward does.
     target = family.target
     draft = make_draft(target)
     runner = DraftRunner(draft)
@@ -164,19 +164,19 @@ def test_int8_linear_close_to_bfloat16(rows):
 @needs_bf16
 def test_int8_needs_width_multiple_of_16():
     # Other input widths crashed or multiplied wrongly in torch 2.13, so they stay in bfloat16.
-    assert quantizable(torch.randn(8, 64, dtype=torch.bfloat16))
-    assert not quantizable(torch.randn(8, 72, dtype=torch.bfloat16))
-    assert not quantizable(torch.randn(8, 64))  # float32 weights keep PyTorch's kernels
+    assert type(to_int8(nn.Linear(64, 8).to(torch.bfloat16))) is Int8Linear
+    assert to_int8(nn.Linear(72, 8).to(torch.bfloat16)) is None
+    assert to_int8(nn.Linear(64, 8)) is None  # float32 weights keep PyTorch's kernels
 
 
 @needs_bf16
 def test_quantize_skips_unsupported_layers():
     # Only the layer with a supported width is replaced, and the other keeps its weights untouched.
     module = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 24), nn.Linear(24, 8)).to(torch.bfloat16)
-    kept = module[2].weight
+    unchanged_weight = module[2].weight
     assert quantize_linear_layers(module) == 2
     assert [type(layer) for layer in module] == [Int8Linear, Int8Linear, nn.Linear]
-    assert module[2].weight is kept
+    assert module[2].weight is unchanged_weight
 
 
 @needs_bf16

@@ -35,7 +35,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoder
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding
 
 from msd.draft.config import DraftConfig
-from msd.draft.quantize import Int8Linear, quantizable, quantize_linear_layers
+from msd.draft.quantize import Int8Linear, quantize_linear_layers, to_int8
 from msd.errors import MSDError
 from msd.files import atomic_save_tensors
 from msd.targets.batch_invariant import InvariantLinear, pack_linear_layers
@@ -111,12 +111,11 @@ class DraftModel(nn.Module):
         Layers get weight-only int8 (`msd.draft.quantize.Int8Linear`) where the weight's shape allows, and weights
         prepacked for oneDNN (`msd.targets.batch_invariant.InvariantLinear`) elsewhere, unpadded because drafting
         needs speed rather than batch invariance. A packed draft cannot be trained."""
-        head = self._require("head")
-        pack_linear_layers(self, pad=False)
+        head = InvariantLinear.from_weight(self._require("head"), pad=False)
         quantize_linear_layers(self)
-        self._shared["head_layer"] = (
-            Int8Linear.from_weight(head) if quantizable(head) else InvariantLinear.from_weight(head, pad=False)
-        )
+        pack_linear_layers(self, pad=False)  # the layers int8 does not take
+        quantized_head = to_int8(head)
+        self._shared["head_layer"] = head if quantized_head is None else quantized_head
         return self.requires_grad_(False)
 
     @property

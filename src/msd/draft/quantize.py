@@ -34,7 +34,7 @@ INT8_MAX_ROWS = 4
 #: inputs of more than `ROWS` rows (prompts) are zero-padded to a multiple of this many rows. oneDNN builds its kernel
 #: for each new row count on first use, about 1.5 ms per layer on a 2-core Xeon, and prompt lengths vary.
 ROW_BUCKET = 32
-#: largest relative error (Frobenius norm) of the int8 product against the bfloat16 one that `quantizable` accepts
+#: largest relative error (Frobenius norm) of the int8 product against the bfloat16 one that `to_int8` accepts
 MAX_RELATIVE_ERROR = 0.05
 
 
@@ -85,19 +85,23 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def quantizable(weight: torch.Tensor) -> bool:
-    """True when an (out, in) bfloat16 weight on the CPU multiplies correctly as `Int8Linear`."""
+def to_int8(linear: nn.Module) -> Int8Linear | None:
+    """Return `linear` (a bfloat16 linear layer on the CPU) as an `Int8Linear`, or None when its input width is not
+    supported or its int8 product fails a probe against the bfloat16 one."""
+    weight = linear.weight
     if weight.dtype != torch.bfloat16 or not supported(weight.device) or weight.shape[1] % WIDTH_MULTIPLE:
-        return False
-    probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    expected = F.linear(probe, weight.detach()).float()
-    error = (Int8Linear.from_weight(weight)(probe).float() - expected).norm() / expected.norm().clamp(min=1e-30)
-    return bool(error <= MAX_RELATIVE_ERROR)
+        return None
+    layer = Int8Linear(linear)
+    probe = torch.randn(INT8_MAX_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    probe = probe.to(torch.bfloat16)
+    expected = F.linear(probe, weight.detach(), None if linear.bias is None else linear.bias.detach()).float()
+    error = (layer(probe).float() - expected).norm() / expected.norm().clamp(min=1e-30)
+    return layer if error <= MAX_RELATIVE_ERROR else None
 
 
 def quantize_linear_layers(module: nn.Module) -> int:
-    """Replace the linear layers (`nn.Linear`, `InvariantLinear`) inside `module` whose weights pass `quantizable`
-    by `Int8Linear`, in place.
+    """Replace the linear layers (`nn.Linear`, `InvariantLinear`) inside `module` that `to_int8` converts by their
+    `Int8Linear`, in place.
 
     Returns how many were replaced; the others stay as they are.
     """
@@ -109,8 +113,9 @@ def quantize_linear_layers(module: nn.Module) -> int:
     ]
     replaced = 0
     for parent, name, child in replacements:
-        if quantizable(child.weight):
-            setattr(parent, name, Int8Linear(child))
+        layer = to_int8(child)
+        if layer is not None:
+            setattr(parent, name, layer)
             replaced += 1
     if replaced < len(replacements):
         logger.info("int8 drafting: %d of %d linear layers stay in bfloat16", len(replacements) - replaced,

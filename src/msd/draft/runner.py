@@ -28,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from msd.draft.model import DraftModel
-from msd.draft.quantize import Int8Linear, quantizable
+from msd.draft.quantize import Int8Linear, to_int8
 from msd.targets.base import truncate_cache
 from msd.targets.batch_invariant import InvariantLinear
 
@@ -40,11 +40,11 @@ FIRST_CAPACITY = 256
 
 
 class DraftRunner:
-    """Runs a draft over new slots with a cache kept across calls (see the module docstring).
+    """A draft's drafting-time forward with a cache kept across calls (see the module docstring).
 
     >>> runner = DraftRunner(draft)              # an attached draft, in eval mode
     >>> hidden = runner.extend(tokens, features, positions, mask)   # (T, H) predicted features
-    >>> runner.truncate(kept)                    # forget every slot after the first `kept`
+    >>> runner.truncate(length)                  # drop every slot after the first `length`
     """
 
     def __init__(self, draft: DraftModel):
@@ -57,7 +57,7 @@ class DraftRunner:
         self.values: torch.Tensor | None = None
 
     def reset(self) -> None:
-        """Forget every slot."""
+        """Drop every slot."""
         self.length = 0
         self.cache = None if self.fast else DynamicCache()
 
@@ -200,8 +200,10 @@ def fuse_linear(layers: list[nn.Module]) -> nn.Module:
         if bias is not None:
             fused.bias.copy_(bias)
     fused.requires_grad_(False)
-    if all(isinstance(layer, Int8Linear) for layer in layers) and quantizable(fused.weight):
-        return Int8Linear(fused)
+    if all(isinstance(layer, Int8Linear) for layer in layers):
+        quantized = to_int8(fused)
+        if quantized is not None:
+            return quantized
     if any(isinstance(layer, (InvariantLinear, Int8Linear)) for layer in layers):  # a packed draft
         return InvariantLinear(fused, pad=False)
     return fused
