@@ -446,6 +446,18 @@ def test_cli_default_tree_fits(saved_target, tmp_path, capsys):
     assert "leaves no room for the draft's tree" in capsys.readouterr().err
 
 
+def test_cli_full_tree_warns_lookup(saved_target, tmp_path, caplog):
+    # An explicit tree that fills what the kernels verify leaves the lookup no room, and msd generate says so.
+    target = load_target(saved_target, dtype="bfloat16")
+    DraftModel(DraftConfig.for_target(target)).save_pretrained(tmp_path / "draft")
+    code = main([
+        "generate", "--target", str(saved_target), "--draft", str(tmp_path / "draft"), "--dtype", "bfloat16",
+        "--prompt", "Hi", "--max-new-tokens", "2", "--total-tokens", str(ROWS), "--no-stream",
+    ])
+    assert code == 0
+    assert "lookup gets at most 0 of its 4 tokens" in caplog.text
+
+
 def test_switch_rejects_float32():
     model, _ = build_llava(seed=0, dtype=torch.float32)
     with pytest.raises(MSDError, match="bfloat16 weights"):

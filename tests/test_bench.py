@@ -13,7 +13,7 @@ from msd.decoding import Drafter, SpeculativeGenerator, TreeParams
 from msd.decoding.tree import DraftTree
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
-from msd.evaluate.bench import BenchSettings, SampleRecord, processor_inputs, run_bench
+from msd.evaluate.bench import UNTIMED_TOKENS, BenchSettings, SampleRecord, processor_inputs, run_bench
 from msd.evaluate.method_setup import build_methods, check_draft_kind
 from msd.evaluate.methods import METHOD_NAMES, EngineMethod, GenerationLimits, Method, MethodRun
 from msd.evaluate.report import all_identical, summarize, write_report
@@ -154,16 +154,17 @@ class RecordingMethod(Method):
 
 
 def test_prompt_runs_untimed_before_methods(llava, samples):
-    # Before each sample the baseline runs the prompt alone (one token), so whichever method is timed first does not
-    # pay for building the kernels of a new prompt length.
+    # Before each sample every method decodes two tokens of it untimed, so no timed run pays for building the kernels
+    # of a new prompt length (the second token makes a drafter read the prompt).
     log = []
     plain = engine("plain", llava)
     methods = [RecordingMethod(plain, "plain", log), RecordingMethod(plain, "other", log)]
     records = run_bench(methods, samples, BenchSettings(max_new_tokens=4, warmup=0), processor_inputs(llava.processor),
                         progress=False)
     assert len(records) == 6
-    assert log[0::3] == [("plain", 1)] * 3
-    assert sorted(log[1:3]) == [("other", 4), ("plain", 4)]
+    untimed = [entry for sample in range(3) for entry in log[4 * sample : 4 * sample + 2]]
+    assert untimed == [("plain", UNTIMED_TOKENS), ("other", UNTIMED_TOKENS)] * 3
+    assert sorted(log[2:4]) == [("other", 4), ("plain", 4)]
 
 
 def record(sample_id, task, method, tokens, prefill, total, forwards, accepted):

@@ -162,6 +162,14 @@ def test_invalid_layer_config_rejected(llava_family, tmp_path):
         DraftModel.from_pretrained(tmp_path / "draft")
 
 
+def test_corrupt_draft_config(llava_family, tmp_path):
+    # A damaged config.json names the file and the commands that write it again.
+    make_draft(llava_family.target).save_pretrained(tmp_path / "draft")
+    (tmp_path / "draft" / "config.json").write_text('{"msd_draft": true, "num_layers": ')
+    with pytest.raises(MSDError, match="invalid JSON in draft config .*msd train writes it"):
+        DraftModel.from_pretrained(tmp_path / "draft")
+
+
 def test_drafter_keeps_callers_draft(llava_family):
     # A float32 draft serving the float64 target keeps its float32 weights, so it can serve other targets unrounded.
     torch.manual_seed(2)

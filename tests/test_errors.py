@@ -122,6 +122,14 @@ def test_missing_target_folder(tmp_path):
         load_target(tmp_path / "missing")
 
 
+def test_corrupt_target_config(tmp_path):
+    # A damaged config.json names the folder and says what the folder must hold.
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "config.json").write_text('{"model_type": "llava", ')
+    with pytest.raises(MSDError, match="cannot load a model config .* holds the model's config.json"):
+        load_target(tmp_path / "target")
+
+
 def test_truncated_image_with_lenient_pillow(tmp_path, monkeypatch):
     # A library that enables Pillow's LOAD_TRUNCATED_IMAGES globally must not make a corrupt image pass.
     from PIL import ImageFile

@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Measure decoding methods on an evaluation set: for each sample, plain decoding and every requested method decode the
-same inputs in the same process, batch 1, greedily, after a warm-up, in rotating order. Each sample's prompt runs
-once untimed first, so no method pays alone for building the kernels of a new prompt length.
+same inputs in the same process, batch 1, greedily, after a warm-up, in rotating order. Each method first decodes
+two tokens of each sample untimed, so no timed run pays for building the kernels of a new prompt length.
 
 Methods: plain (the target alone in msd's loop, the baseline), generate (the target alone through transformers'
 `generate`, to check that the baseline is not slower than transformers), msd (--draft), eagle (--eagle-draft: a draft

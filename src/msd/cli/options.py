@@ -198,6 +198,13 @@ def fit_default_tree(tree, target, arguments: argparse.Namespace):
             f"{limit} tokens exactly. Pass a smaller value, such as the default 4."
         )
     if arguments.total_tokens is not None:
+        if limit is not None and tree.lookup_tokens and tree.total_tokens + tree.lookup_tokens > limit:
+            logger.warning(
+                "the n-gram lookup gets at most %d of its %d tokens per cycle: this target verifies at most %d tokens "
+                "exactly and the draft's tree takes %d. Lower --total-tokens to give it room, or pass "
+                "--lookup-tokens 0 to turn it off",
+                max(limit - tree.total_tokens, 0), tree.lookup_tokens, limit, tree.total_tokens,
+            )
         return tree
     fitted = tree.capped(limit)
     if fitted is not tree:

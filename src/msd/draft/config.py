@@ -84,7 +84,10 @@ class DraftConfig:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise MSDError(f"invalid JSON in draft config {path}: {error}") from None
+            raise MSDError(
+                f"invalid JSON in draft config {path}: {error}. The file is damaged: copy it again from where the "
+                "draft came from, or export the draft again (msd train writes it, msd convert for research drafts)."
+            ) from None
         if not data.pop("msd_draft", False):
             raise MSDError(
                 f"{path} is not an msd draft config. Research-format (EAGLE-style) checkpoints must be converted "
@@ -96,7 +99,10 @@ class DraftConfig:
         try:
             return cls(**data)
         except TypeError as error:
-            raise MSDError(f"invalid draft config {path}: {error}") from None
+            raise MSDError(
+                f"invalid draft config {path}: {error}. Copy the file again from where the draft came from, or export "
+                "the draft again (msd train writes it, msd convert for research drafts)."
+            ) from None
 
     def check_fits(self, target) -> None:
         """Raise MSDError unless this draft can serve `target` (a TargetAdapter)."""

@@ -69,7 +69,10 @@ def load_target(
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise MSDError(f"cannot load a model config from {path!s}: {error}") from None
+        raise MSDError(
+            f"cannot load a model config from {path!s}: {error} Check that the folder holds the model's config.json "
+            "as saved by save_pretrained, or pass a Hugging Face model id."
+        ) from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise MSDError(
             f"unsupported target model family {config.model_type!r} in {path!s}. "
