@@ -8,19 +8,26 @@ from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
 from msd.targets import load_target
-from msd.targets.cpu_linear import SmallBatchLinear, pick_max_rows, time_products, use_small_batch_linears
+from msd.targets.cpu_linear import (
+    SmallBatchLinear,
+    pick_max_rows,
+    pick_pad_one_row,
+    time_products,
+    use_small_batch_linears,
+)
 from tiny_models import build_llava, llava_inputs, random_image
 
 
+@pytest.mark.parametrize("pad_one_row", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("leading", [(), (1,), (2,)])
-def test_matches_linear_for_all_row_counts(bias, leading):
-    # rows 0..12 cover the transposed product (1..8) and the F.linear fallback (0 and 9..12)
+def test_matches_linear_for_all_row_counts(bias, leading, pad_one_row):
+    # rows 0..12 cover the transposed product (1..8, one row padded or not) and the F.linear fallback (0 and 9..12)
     torch.manual_seed(0)
     reference = nn.Linear(24, 40, bias=bias, dtype=torch.float64)
     switched = nn.Linear(24, 40, bias=bias, dtype=torch.float64)
     switched.load_state_dict(reference.state_dict())
-    use_small_batch_linears(switched)
+    use_small_batch_linears(switched, pad_one_row=pad_one_row)
     for rows in range(13):
         if leading == (2,) and rows % 2:
             continue  # (2, rows / 2, 24) inputs need an even row count
@@ -46,6 +53,18 @@ def test_switch_keeps_parameters_and_ties():
     assert model.lm_head.weight is head
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     assert list(model.state_dict()) == names_before
+
+
+def test_padded_row_without_row_limit():
+    # With no row limit, padding a single row still switches the layer: one row takes the padded product and two
+    # rows F.linear.
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6, dtype=torch.float64)
+    assert use_small_batch_linears(layer, max_rows=0, pad_one_row=True) == 1
+    assert isinstance(layer, SmallBatchLinear)
+    for rows in (1, 2):
+        inputs = torch.randn(rows, 8, dtype=torch.float64)
+        torch.testing.assert_close(layer(inputs), inputs @ layer.weight.T + layer.bias, rtol=1e-12, atol=1e-12)
 
 
 def test_zero_rows_keeps_layers_and_negative_raises():
@@ -85,6 +104,13 @@ def test_load_target_auto_applies_measured_limit(saved_target, monkeypatch):
     monkeypatch.setattr(cpu_linear, "time_products", lambda module: {2: (1.0, 2.0), 4: (1.0, 2.0), 8: (1.0, 2.0)})
     assert type(load_target(saved_target, dtype="float64").lm_head) is nn.Linear
 
+    # A single row padded to two wins on its own (the Zen 4 case), so only one-row inputs change their product.
+    monkeypatch.setattr(cpu_linear, "time_products", lambda module: {1: (1.0, 0.4), 2: (1.0, 2.0), 4: (1.0, 2.0)})
+    padded = load_target(saved_target, dtype="float64")
+    assert isinstance(padded.lm_head, SmallBatchLinear)
+    assert padded.lm_head.max_rows == 0
+    assert padded.lm_head.pad_one_row
+
 
 @pytest.mark.parametrize(
     ("times", "expected"),
@@ -92,6 +118,7 @@ def test_load_target_auto_applies_measured_limit(saved_target, monkeypatch):
         ({2: (1.0, 0.4), 4: (1.0, 0.5), 8: (1.0, 0.8)}, 8),  # transposed faster throughout (Zen 3 here)
         ({2: (1.0, 2.4), 4: (1.0, 1.7), 8: (1.0, 3.4)}, 0),  # F.linear faster throughout (Emerald Rapids Xeon here)
         ({2: (1.0, 0.5), 4: (1.0, 0.95), 8: (1.0, 0.5)}, 2),  # a loss at 4 rows stops the limit at 2
+        ({1: (1.0, 2.0), 2: (1.0, 0.5), 4: (1.0, 0.5)}, 4),  # the padded single row is decided on its own
         ({}, 0),  # a model without linear layers
     ],
 )
@@ -99,11 +126,23 @@ def test_pick_max_rows(times, expected):
     assert pick_max_rows(times) == expected
 
 
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        ({1: (1.0, 0.4), 2: (1.0, 0.5)}, True),  # the padded row reads the weights faster (Zen 4 here)
+        ({1: (1.0, 1.05), 2: (1.0, 0.5)}, False),  # one row costs as much either way (Zen 3 here)
+        ({2: (1.0, 0.5)}, False),  # one row not timed
+    ],
+)
+def test_pick_pad_one_row(times, expected):
+    assert pick_pad_one_row(times) is expected
+
+
 def test_time_products_times_each_row_count():
     # both products are timed over the most common weight shape, so every candidate gets two positive times
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 32))
-    times = time_products(model, rows=(2, 4), repeats=2)
-    assert sorted(times) == [2, 4]
+    times = time_products(model, rows=(1, 2, 4), repeats=2)
+    assert sorted(times) == [1, 2, 4]
     for linear, transposed in times.values():
         assert linear > 0
         assert transposed > 0
@@ -122,6 +161,27 @@ def test_switched_target_decodes_like_generate(saved_target):
     tree = TreeParams(depth=3, top_k=2, total_tokens=6)
     output = SpeculativeGenerator(target, draft, tree).generate(inputs, max_new_tokens=16, eos_token_ids=[])
     assert output.token_ids == expected
+
+
+def test_drafter_takes_target_choice(saved_target):
+    # Next to a switched target, the drafter's copy of the draft multiplies with the same layers (its fused ones and
+    # its LM head too), and the caller's draft keeps nn.Linear.
+    from msd.decoding.drafter import MSDDrafter
+
+    target = load_target(saved_target, dtype="float64", cpu_linear_rows=2)
+    target.lm_head.pad_one_row = True
+    draft = DraftModel(DraftConfig.for_target(target)).double()
+    drafter = MSDDrafter(draft, target)
+    assert type(draft.fc) is nn.Linear
+    assert isinstance(drafter.draft.fc, SmallBatchLinear)
+    assert drafter.draft.fc.max_rows == 2
+    assert drafter.draft.fc.pad_one_row
+    head = drafter.draft._shared["head_layer"]
+    assert isinstance(head, SmallBatchLinear)
+    hidden = torch.randn(1, target.hidden_size, dtype=torch.float64)
+    torch.testing.assert_close(drafter.draft.compute_logits(hidden), draft.compute_logits(hidden))
+    assert drafter.runner.fast
+    assert isinstance(drafter.runner.layers[0].qkv, SmallBatchLinear)
 
 
 def test_cli_option_parses_rows_or_auto():

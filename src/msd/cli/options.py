@@ -39,7 +39,7 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         metavar="N|auto",
         help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens, which speeds up "
         "few-token forwards on some CPUs and slows them on others. auto times both products at load and "
-        "picks N, 0 keeps PyTorch's layers (default auto). bfloat16 targets with batch-invariant kernels ignore it",
+        "picks N, and whether one token runs faster padded to two; 0 keeps PyTorch's layers (default auto). bfloat16 targets with batch-invariant kernels ignore it",
     )
 
 

@@ -26,6 +26,7 @@ from msd.draft.model import DraftModel, causal_mask
 from msd.draft.runner import DraftRunner
 from msd.targets import batch_invariant
 from msd.targets.base import PrefillOutput, TargetAdapter, TargetState
+from msd.targets.cpu_linear import SmallBatchLinear
 
 
 class Drafter(ABC):
@@ -61,6 +62,10 @@ class MSDDrafter(Drafter):
         draft = draft.attach(target).eval()
         if target.dtype == torch.bfloat16 and batch_invariant.supported(target.device):
             draft = draft.pack() if copied else draft.packed_copy()
+        elif isinstance(target.lm_head, SmallBatchLinear):  # the target's measured choice suits the draft's products
+            draft = (draft if copied else draft.clone()).use_small_batch(
+                target.lm_head.max_rows, target.lm_head.pad_one_row
+            )
         self.draft = draft
         self.target = target
         self.prompt_vocabulary = prompt_vocabulary

@@ -39,6 +39,7 @@ from msd.draft.quantize import Int8Linear, quantize_linear_layers, to_int8
 from msd.errors import MSDError
 from msd.files import atomic_save_tensors
 from msd.targets.batch_invariant import InvariantLinear, pack_linear_layers
+from msd.targets.cpu_linear import use_small_batch_linears
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,18 @@ class DraftModel(nn.Module):
         quantized_head = to_int8(head)
         self._shared["head_layer"] = head if quantized_head is None else quantized_head
         return self.requires_grad_(False)
+
+    def use_small_batch(self, max_rows: int, pad_one_row: bool) -> DraftModel:
+        """Switch this draft's linear layers and LM head to `msd.targets.cpu_linear.SmallBatchLinear` with a float32
+        CPU target's measured choice, in place, and return it. Drafting multiplies one to a few rows at a time, the
+        case those layers speed up."""
+        use_small_batch_linears(self, max_rows, pad_one_row)
+        weight = self._require("head")
+        head = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        head.weight = nn.Parameter(weight, requires_grad=False)
+        use_small_batch_linears(head, max_rows, pad_one_row)
+        self._shared["head_layer"] = head
+        return self
 
     @property
     def packed(self) -> bool:

@@ -31,6 +31,7 @@ from msd.draft.model import DraftModel
 from msd.draft.quantize import Int8Linear, to_int8
 from msd.targets.base import truncate_cache
 from msd.targets.batch_invariant import InvariantLinear
+from msd.targets.cpu_linear import SmallBatchLinear, use_small_batch_linears
 
 #: language-model families whose decoder layer `DraftRunner` reproduces: pre-norm attention and gated MLP,
 #: rotary positions on one position row
@@ -206,6 +207,8 @@ def fuse_linear(layers: list[nn.Module]) -> nn.Module:
             return quantized
     if any(isinstance(layer, (InvariantLinear, Int8Linear)) for layer in layers):  # a packed draft
         return InvariantLinear(fused, pad=False)
+    if all(isinstance(layer, SmallBatchLinear) for layer in layers):  # next to a float32 CPU target
+        use_small_batch_linears(fused, layers[0].max_rows, layers[0].pad_one_row)
     return fused
 
 def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from msd.errors import MSDError
 from msd.targets import batch_invariant
 from msd.targets.base import PrefillOutput, TargetAdapter, TargetState
-from msd.targets.cpu_linear import AUTO, choose_max_rows, use_small_batch_linears
+from msd.targets.cpu_linear import AUTO, choose_small_batch, use_small_batch_linears
 from msd.targets.llava import LlavaAdapter
 from msd.targets.qwen2_vl import Qwen2VLAdapter
 
@@ -59,8 +59,8 @@ def load_target(
     as plain decoding does. With `invariant_kernels=False` such a target is treated as below (pass `cpu_linear_rows=0`
     too for PyTorch's own layers). Otherwise, on a CPU, linear layers switch to
     `SmallBatchLinear` for inputs of at most `cpu_linear_rows` rows, which makes few-token forwards faster on some CPUs
-    and slower on others (`msd.targets.cpu_linear`). "auto" times both on this machine and picks the limit, and 0
-    keeps PyTorch's layers.
+    and slower on others (`msd.targets.cpu_linear`). "auto" times both on this machine and picks the limit, and
+    whether a single row runs faster padded to two. 0 keeps PyTorch's layers.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -104,7 +104,8 @@ def load_target(
         if cpu_linear_rows not in (AUTO, 0):
             logger.info("cpu_linear_rows=%s not used: this bfloat16 target has batch-invariant kernels", cpu_linear_rows)
         return adapter
+    pad_one_row = False
     if cpu_linear_rows == AUTO:
-        cpu_linear_rows = choose_max_rows(model)
-    use_small_batch_linears(model, cpu_linear_rows)
+        cpu_linear_rows, pad_one_row = choose_small_batch(model)
+    use_small_batch_linears(model, cpu_linear_rows, pad_one_row)
     return adapter
