@@ -455,7 +455,7 @@ def test_cli_full_tree_warns_lookup(saved_target, tmp_path, caplog):
         "--prompt", "Hi", "--max-new-tokens", "2", "--total-tokens", str(ROWS), "--no-stream",
     ])
     assert code == 0
-    assert "lookup gets at most 0 of its 4 tokens" in caplog.text
+    assert "lookup gets as few as 0 of its 4 tokens" in caplog.text
 
 
 def test_switch_rejects_float32():

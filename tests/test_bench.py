@@ -167,6 +167,26 @@ def test_prompt_runs_untimed_before_methods(llava, samples):
     assert sorted(log[2:4]) == [("other", 4), ("plain", 4)]
 
 
+class CountingDrafter(RandomDrafter):
+    """A RandomDrafter that counts the sequences it starts, each of which reads a prompt."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__(vocab_size)
+        self.starts = 0
+
+    def start(self, prefill, state, first_token):
+        self.starts += 1
+
+
+def test_untimed_run_starts_drafter(llava, samples):
+    # The untimed run reaches the drafter, so the draft's kernels for the prompt length are built before timing.
+    drafter = CountingDrafter(llava.model.config.text_config.vocab_size)
+    methods = [engine("plain", llava), engine("msd", llava, drafter)]
+    run_bench(methods, samples, BenchSettings(max_new_tokens=4, warmup=0), processor_inputs(llava.processor),
+              progress=False)
+    assert drafter.starts == 2 * len(samples)
+
+
 def record(sample_id, task, method, tokens, prefill, total, forwards, accepted):
     return SampleRecord(sample_id, task, method, tokens, None, len(tokens), prefill,
                         None if prefill is None else total - prefill, total, forwards, accepted)

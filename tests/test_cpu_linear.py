@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftConfig, DraftModel
@@ -65,6 +66,40 @@ def test_padded_row_without_row_limit():
     for rows in (1, 2):
         inputs = torch.randn(rows, 8, dtype=torch.float64)
         torch.testing.assert_close(layer(inputs), inputs @ layer.weight.T + layer.bias, rtol=1e-12, atol=1e-12)
+
+
+class MatmulShapes(TorchFunctionMode):
+    """Records the shape of the second operand of every torch.matmul call."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.matmul:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("max_rows", "pad_one_row", "expected"), [(0, True, [(8, 2)]), (2, True, [(8, 2)]), (2, False, [(8, 1)])]
+)
+def test_single_row_product_padded(max_rows, pad_one_row, expected):
+    # pad_one_row sends one row through the matrix-matrix product as two columns, and without it the row stays alone.
+    layer = nn.Linear(8, 6)
+    use_small_batch_linears(layer, max_rows=max_rows, pad_one_row=pad_one_row)
+    with MatmulShapes() as recorder:
+        layer(torch.randn(1, 8))
+    assert recorder.shapes == expected
+
+
+def test_time_products_pads_single_row():
+    # The one-row timing of the transposed product runs on the padded row, as the layer computes it.
+    model = nn.Sequential(nn.Linear(16, 32))
+    with MatmulShapes() as recorder:
+        time_products(model, rows=(1,), repeats=1)
+    assert recorder.shapes
+    assert set(recorder.shapes) == {(16, 2)}
 
 
 def test_zero_rows_keeps_layers_and_negative_raises():
@@ -182,6 +217,8 @@ def test_drafter_takes_target_choice(saved_target):
     torch.testing.assert_close(drafter.draft.compute_logits(hidden), draft.compute_logits(hidden))
     assert drafter.runner.fast
     assert isinstance(drafter.runner.layers[0].qkv, SmallBatchLinear)
+    assert drafter.runner.layers[0].qkv.max_rows == 2
+    assert drafter.runner.layers[0].qkv.pad_one_row
 
 
 def test_cli_option_parses_rows_or_auto():

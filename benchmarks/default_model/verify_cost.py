@@ -169,8 +169,9 @@ def main() -> None:
     context = (f"Measured by `benchmarks/default_model/verify_cost.py` on {Path(args.image).name} with "
                f"\"{args.prompt}\": a {prompt_length}-token prompt plus {args.context} tokens in the cache, "
                f"{torch.get_num_threads()} torch threads, median of {args.repeats} forwards per size; "
-               f"{args.max_new_tokens} new tokens per decoding run. float32 uses PyTorch's kernels, bfloat16 msd's "
-               "batch-invariant ones (`msd.targets.batch_invariant`).")
+               f"{args.max_new_tokens} new tokens per decoding run. float32 uses the linear layers "
+               "`cpu_linear_rows=\"auto\"` picks at load (`msd.targets.cpu_linear`), bfloat16 msd's batch-invariant ones "
+               "(`msd.targets.batch_invariant`).")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(  # the measurements first, so they survive any formatting error
         json.dumps({"forward_seconds": costs, "cycles": cycles, "context": context}, indent=2) + "\n"

@@ -39,7 +39,8 @@ def add_model_options(parser: argparse.ArgumentParser, draft_required: bool = Fa
         metavar="N|auto",
         help="on a CPU, compute linear layers as W @ x.T for inputs of at most N tokens, which speeds up "
         "few-token forwards on some CPUs and slows them on others. auto times both products at load and "
-        "picks N, and whether one token runs faster padded to two; 0 keeps PyTorch's layers (default auto). bfloat16 targets with batch-invariant kernels ignore it",
+        "picks N, and whether one token runs faster padded to two (an explicit N never pads); 0 keeps PyTorch's "
+        "layers (default auto). bfloat16 targets with batch-invariant kernels ignore it",
     )
 
 
@@ -200,8 +201,8 @@ def fit_default_tree(tree, target, arguments: argparse.Namespace):
     if arguments.total_tokens is not None:
         if limit is not None and tree.lookup_tokens and tree.total_tokens + tree.lookup_tokens > limit:
             logger.warning(
-                "the n-gram lookup gets at most %d of its %d tokens per cycle: this target verifies at most %d tokens "
-                "exactly and the draft's tree takes %d. Lower --total-tokens to give it room, or pass "
+                "the n-gram lookup gets as few as %d of its %d tokens per cycle: this target verifies at most %d tokens "
+                "exactly and the draft's tree takes up to %d. Lower --total-tokens to give it room, or pass "
                 "--lookup-tokens 0 to turn it off",
                 max(limit - tree.total_tokens, 0), tree.lookup_tokens, limit, tree.total_tokens,
             )

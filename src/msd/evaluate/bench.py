@@ -4,10 +4,11 @@ For every sample, each method decodes the same processor inputs in turn. The ord
 sample to the next, so no method always runs first (on a cold cache) or last. Before any sample is measured, each
 method decodes the first sample `warmup` times, which pays one-time costs (kernel selection, allocator growth, lazy
 initialisation) outside the measurement. Before each sample, every method also decodes `UNTIMED_TOKENS` tokens of it,
-untimed. oneDNN builds its CPU kernels for each new number of rows: about 10 ms for the embedded default target's
-prefill, and up to about 20 ms more for the draft's prefill, once per draft prompt length rounded up to 32 rows. Without
-that run the method timed first on a sample would pay the target's share alone, and the MSD draft would pay its own
-share inside the timing, costs that a process serving many prompts pays once.
+untimed. oneDNN builds its CPU kernels for each new number of rows, about 10 ms for the embedded default target's
+prefill. The draft pads its prompts to a multiple of 32 rows (`msd.draft.quantize`), and each new multiple costs up
+to about 20 ms more. Without that run the method timed first on a sample would pay the target's share
+alone, and the MSD draft would pay its own share inside the timing, costs that a process serving many prompts pays
+once.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ weights (`load_target(cpu_linear_rows="auto")`, the default).
 
 `SmallBatchLinear` takes the second form for inputs of at most `max_rows` rows, pads a single row to two when
 `pad_one_row` is set, and uses `F.linear` otherwise. The forms compute the same product, but in different summation
-orders, so results can differ in the last bits. Plain decoding and
-tree verification use the same layers, and transformers' `generate` on the same model object does too, so outputs
-stay identical to decoding with the model as loaded.
+orders, so results can differ in the last bits. Plain decoding, tree verification and transformers' `generate` on
+the same model object use the same layers. A one-row step and a tree forward still take different forms, so their
+logits can differ in the last bits (up to about 3e-5 on the embedded target in float32), and a greedy token can then
+change only at such a near tie.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def pick_max_rows(times: Mapping[int, tuple[float, float]]) -> int:
 
 
 def pick_pad_one_row(times: Mapping[int, tuple[float, float]]) -> bool:
-    """Whether a single row padded to two beat F.linear on one row, by the margin `pick_max_rows` requires."""
+    """Return whether a single row padded to two beat F.linear on one row, by the margin `pick_max_rows` requires."""
     if 1 not in times:
         return False
     linear, padded = times[1]
