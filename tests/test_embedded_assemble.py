@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -147,3 +149,22 @@ def test_grow_rows_appends_mean():
     assert torch.equal(grown[4], torch.tensor([2.0, 3.0]))
     with pytest.raises(ValueError):
         grow_rows(matrix, 2)
+
+
+def test_gguf_progress_hidden_when_quiet():
+    # With transformers' progress bars off (msd -q), the GGUF reader's tqdm starts disabled inside the context only.
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as transformers_logging
+
+    from msd.embedded.language import quiet_gguf_progress
+
+    transformers_logging.disable_progress_bar()
+    try:
+        with quiet_gguf_progress():
+            assert gguf_reader.tqdm(range(2)).disable
+    finally:
+        transformers_logging.enable_progress_bar()
+    bar = gguf_reader.tqdm(range(2), file=io.StringIO())
+    assert not bar.disable
+    with quiet_gguf_progress():  # progress bars on: nothing replaced
+        assert gguf_reader.tqdm is type(bar)
