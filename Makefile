@@ -17,8 +17,9 @@ DEMO_OPTIONS ?= --max-new-tokens 96
 # The benchmark behind BENCHMARKS.md: the default target and draft on held-out prompts, side by side with plain
 # decoding, once with this CPU's fastest settings (`msd embedded options`) and once in float32 with a 3-token chain,
 # where prompt lookup runs too (its first candidates share the prompt's forward, which bfloat16 cannot keep exact).
+# Each sample is timed in three rounds of all methods and each method's median run is kept.
 BENCH_DATA ?= benchmarks/default_model/eval_prompts.jsonl
-BENCH_OPTIONS ?= --max-new-tokens 96 --warmup 1
+BENCH_OPTIONS ?= --max-new-tokens 96 --warmup 1 --repeats 3
 FLOAT32_OPTIONS ?= --dtype float32 --depth 2 --tree-top-k 1 --total-tokens 3
 BENCH_OUTPUT ?= runs/bench-default
 # The non-decoupled draft that msd bench compares as the "eagle" ablation, trained on the same samples.

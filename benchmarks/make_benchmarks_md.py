@@ -16,7 +16,8 @@ from pathlib import Path
 from msd.evaluate.report import markdown_table
 
 CONTEXT_KEYS = ("date", "device", "machine", "versions", "dtype", "target", "draft", "eagle_draft", "assistant",
-                "data", "samples", "max_new_tokens", "research_convention", "tree", "warmup", "skipped_methods")
+                "data", "samples", "max_new_tokens", "research_convention", "tree", "warmup", "repeats",
+                "skipped_methods")
 
 
 def run_section(path: Path) -> str:

@@ -13,7 +13,14 @@ from msd.decoding import Drafter, SpeculativeGenerator, TreeParams
 from msd.decoding.tree import DraftTree
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
-from msd.evaluate.bench import UNTIMED_TOKENS, BenchSettings, SampleRecord, processor_inputs, run_bench
+from msd.evaluate.bench import (
+    UNTIMED_TOKENS,
+    BenchSettings,
+    SampleRecord,
+    median_run,
+    processor_inputs,
+    run_bench,
+)
 from msd.evaluate.method_setup import build_methods, check_draft_kind
 from msd.evaluate.methods import METHOD_NAMES, EngineMethod, GenerationLimits, Method, MethodRun
 from msd.evaluate.report import all_identical, summarize, write_report
@@ -187,6 +194,43 @@ def test_untimed_run_starts_drafter(llava, samples):
     assert drafter.starts == 2 * len(samples)
 
 
+class TimedMethod(Method):
+    """Returns preset runs in turn, each with its own total time, and counts its timed runs."""
+
+    def __init__(self, name: str, times: list[float], tokens: list[list[int]] | None = None):
+        self.name = name
+        self.times = times
+        self.tokens = tokens or [[1, 2]] * len(times)
+        self.timed = 0
+
+    def run(self, inputs, limits):
+        if limits.max_new_tokens == UNTIMED_TOKENS:
+            return MethodRun([1, 2], 0.0, 1, 0.0, [])
+        run = MethodRun(self.tokens[self.timed], self.times[self.timed], 1, 0.0, [])
+        self.timed += 1
+        return run
+
+
+def test_repeats_keep_median_run(llava, samples):
+    # With three repeats, every method runs three timed times per sample and reports its median run, so one slow
+    # spell during a run does not move the result.
+    methods = [TimedMethod("plain", [3.0, 1.0, 2.0]), TimedMethod("other", [0.5, 9.0, 1.0])]
+    records = run_bench(methods, samples[:1], BenchSettings(max_new_tokens=4, warmup=0, repeats=3),
+                        processor_inputs(llava.processor), progress=False)
+    assert [method.timed for method in methods] == [3, 3]
+    assert {record.method: record.total_time for record in records} == {"plain": 2.0, "other": 1.0}
+
+
+def test_median_run_cases():
+    # The lower middle run for an even count, and the first run when the runs decoded different tokens.
+    runs = [MethodRun([1], total, 1, 0.0, []) for total in (4.0, 1.0, 3.0, 2.0)]
+    assert median_run(runs).total_time == 2.0
+    differing = [MethodRun([1], 5.0, 1, 0.0, []), MethodRun([2], 1.0, 1, 0.0, []), MethodRun([1], 3.0, 1, 0.0, [])]
+    assert median_run(differing).total_time == 5.0
+    with pytest.raises(MSDError, match="--repeats must be at least 1, got 0"):
+        BenchSettings(repeats=0)
+
+
 def record(sample_id, task, method, tokens, prefill, total, forwards, accepted):
     return SampleRecord(sample_id, task, method, tokens, None, len(tokens), prefill,
                         None if prefill is None else total - prefill, total, forwards, accepted)
@@ -316,9 +360,11 @@ def test_cli_bench_end_to_end(tmp_path, llava):
         "--data", str(data), "--max-new-tokens", "6", "--total-tokens", "6", "--depth", "2",
         "--tune-tree", "--tune-sizes", "4,8", "--tune-depths", "1,2", "--tune-pilot-tokens", "4",
         "--methods", "generate,msd,eagle,prompt-lookup,assisted", "--output", str(tmp_path / "out"), "--no-progress",
+        "--repeats", "2",
     ])
     assert code == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["context"]["repeats"] == 2
     ran = set(report["summary"])
     assert {"plain", "generate", "msd", "eagle", "assisted"} <= ran
     assert ran | set(report["context"]["skipped_methods"]) == set(METHOD_NAMES)

@@ -72,6 +72,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each method on the first sample before "
                         "measuring (default 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each method per sample, in rounds of all "
+                        "methods; the run with the median time is reported (default 1). Use 3 or more on a machine "
+                        "whose speed varies")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="candidate tokens per step of "
                         "transformers' prompt-lookup method (default 10). --lookup-tokens sets msd's own lookup")
     add_tree_options(parser)
@@ -111,6 +114,7 @@ def run(arguments: argparse.Namespace) -> int:
         research_convention=arguments.research_convention,
         stop_strings=tuple(arguments.stop) if arguments.stop else None,
         warmup=arguments.warmup,
+        repeats=arguments.repeats,
     )
     if arguments.limit is not None and arguments.limit < 1:
         raise MSDError(f"--limit must be at least 1, got {arguments.limit}")
@@ -173,6 +177,7 @@ def run(arguments: argparse.Namespace) -> int:
         "tree": f"total_tokens={tree.total_tokens} depth={tree.depth} top_k={tree.top_k} "
         f"lookup_tokens={tree.lookup_tokens}",
         "warmup": settings.warmup,
+        "repeats": settings.repeats,
         "skipped_methods": skipped,
         "tree_tuning": tuning.as_dict() if tuning else None,
     }

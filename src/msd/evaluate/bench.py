@@ -3,12 +3,14 @@
 For every sample, each method decodes the same processor inputs in turn. The order of methods rotates from one
 sample to the next, so no method always runs first (on a cold cache) or last. Before any sample is measured, each
 method decodes the first sample `warmup` times, which pays one-time costs (kernel selection, allocator growth, lazy
-initialisation) outside the measurement. Before each sample, every method also decodes `UNTIMED_TOKENS` tokens of it,
-untimed. oneDNN builds its CPU kernels for each new number of rows, about 10 ms for the embedded default target's
-prefill. The draft pads its prompts to a multiple of 32 rows (`msd.draft.quantize`), and each new multiple costs up
-to about 20 ms more. Without that run the method timed first on a sample would pay the target's share
-alone, and the MSD draft would pay its own share inside the timing, costs that a process serving many prompts pays
-once.
+initialisation) outside the measurement. With `repeats` above 1, each sample is timed in that many rounds of all
+methods, and each method keeps its run with the median time.
+
+Before each sample, every method also decodes `UNTIMED_TOKENS` tokens of it, untimed. oneDNN builds its CPU kernels
+for each new number of rows, about 10 ms for the embedded default target's prefill. The draft pads its prompts to a
+multiple of 32 rows (`msd.draft.quantize`), and each new multiple costs up to about 20 ms more. Without that run the
+method timed first on a sample would pay the target's share alone, and the MSD draft would pay its own share inside
+the timing, costs that a process serving many prompts pays once.
 """
 
 from __future__ import annotations
@@ -42,18 +44,22 @@ class BenchSettings:
         (the protocol behind the published MSD speedups, with 512 tokens).
     stop_strings: replace each sample's own stop strings when not None.
     warmup: untimed runs of every method on the first sample before measuring.
+    repeats: timed runs of every method on every sample; the run with the median total time is kept.
     """
 
     max_new_tokens: int = 256
     research_convention: bool = False
     stop_strings: tuple[str, ...] | None = None
     warmup: int = 1
+    repeats: int = 1
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise MSDError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.warmup < 0:
             raise MSDError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.repeats < 1:
+            raise MSDError(f"--repeats must be at least 1, got {self.repeats}")
 
     def limits_for(self, sample: EvalSample) -> GenerationLimits:
         if self.research_convention:
@@ -136,12 +142,29 @@ def run_bench(
         for method in methods:  # untimed: kernels for this prompt length
             method.run(inputs[index], replace(limits, max_new_tokens=UNTIMED_TOKENS))
         shift = index % len(methods)
-        for method in [*methods[shift:], *methods[:shift]]:
-            run = method.run(inputs[index], limits)
+        order = [*methods[shift:], *methods[:shift]]
+        runs: dict[str, list[MethodRun]] = {method.name: [] for method in order}
+        for _ in range(settings.repeats):  # each round runs every method once, so slow spells hit all methods
+            for method in order:
+                runs[method.name].append(method.run(inputs[index], limits))
+        for method in order:
+            run = median_run(runs[method.name])
             text = tokenizer.decode(run.token_ids, skip_special_tokens=True) if tokenizer is not None else None
             records.append(SampleRecord.from_run(sample, method.name, run, text))
             logger.debug("%s %s: %d tokens in %.3f s", sample.sample_id, method.name, run.new_tokens, run.total_time)
     return records
+
+
+def median_run(runs: Sequence[MethodRun]) -> MethodRun:
+    """Return the run with the median total time (the lower one of the middle two for an even count).
+
+    Greedy decoding gives every run the same tokens. Should they differ, the first run's tokens are the ones a
+    single run would have reported, so that run is kept.
+    """
+    if any(run.token_ids != runs[0].token_ids for run in runs):
+        logger.warning("repeated runs of one method decoded different tokens; keeping the first run")
+        return runs[0]
+    return sorted(runs, key=lambda run: run.total_time)[(len(runs) - 1) // 2]
 
 
 def warm_up(methods: Sequence[Method], inputs, limits: GenerationLimits, repeats: int) -> None:
