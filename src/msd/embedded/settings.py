@@ -15,8 +15,8 @@ rows or the benchmark. Mean speedups over plain decoding on those seven prompts:
 - 2-core Zen 4 EPYC with AVX-512 BF16 and no AMX: 1.63x for this tree and for 6 children with 8 tokens, 1.58x with 6
   children and 12 tokens, 1.49x for 16 tokens. Plain decoding ran at 27.5 tokens/s in bfloat16 against 16.1 in
   float32 there, and msd at 40.3 tokens/s in bfloat16 against 27.2 with float32's 3-token chain. Later, with the
-  lookup, cheaper drafting and float32's padded single row, the benchmark prompts ran at 41.1 tokens/s with msd in
-  bfloat16 (1.72x) against 31.2 in float32 (1.22x), and trees of 6 to 12 tokens measured within the spread of this
+  lookup, cheaper drafting and float32's padded single row, the benchmark prompts ran at 40.8 tokens/s with msd in
+  bfloat16 (1.66x) against 29.4 in float32 (1.23x), and trees of 6 to 12 tokens measured within the spread of this
   one.
 
 Without native bfloat16, including AVX-512 CPUs where oneDNN only emulates it, the target runs in float32, where 4 or
