@@ -447,7 +447,7 @@ def test_cli_default_tree_fits(saved_target, tmp_path, capsys):
 
 
 def test_cli_full_tree_warns_lookup(saved_target, tmp_path, caplog):
-    # An explicit tree that fills what the kernels verify leaves the lookup no room, and msd generate says so.
+    # An explicit tree that fills what the kernels verify leaves the lookup no room, and msd generate warns about it.
     target = load_target(saved_target, dtype="bfloat16")
     DraftModel(DraftConfig.for_target(target)).save_pretrained(tmp_path / "draft")
     code = main([
@@ -456,6 +456,14 @@ def test_cli_full_tree_warns_lookup(saved_target, tmp_path, caplog):
     ])
     assert code == 0
     assert "lookup gets as few as 0 of its 4 tokens" in caplog.text
+    # A tree over the limit gets its own error, without the lookup warning first.
+    caplog.clear()
+    code = main([
+        "generate", "--target", str(saved_target), "--draft", str(tmp_path / "draft"), "--dtype", "bfloat16",
+        "--prompt", "Hi", "--max-new-tokens", "2", "--total-tokens", str(ROWS + 1), "--no-stream",
+    ])
+    assert code == 2
+    assert "lookup gets" not in caplog.text
 
 
 def test_switch_rejects_float32():

@@ -321,6 +321,12 @@ def test_load_samples_errors(tmp_path):
     broken.write_text('{"id": 1}\n\n{bad json\n')
     with pytest.raises(MSDError, match=r"invalid JSON on line 3 of .*broken\.jsonl"):
         load_samples(str(broken))
+    # An image missing from the image folder names the option that sets the folder.
+    missing = tmp_path / "missing-image.jsonl"
+    missing.write_text(json.dumps({"id": 1, "image": "photo.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}]}) + "\n")
+    with pytest.raises(MSDError, match="image 'photo.jpg' of .* not found .* --image-folder"):
+        load_samples(str(missing))
     local = load_samples("local")
     assert {sample.task for sample in local} == {"vqa", "caption"}
     assert all(sample.images and sample.reference for sample in local)

@@ -199,10 +199,12 @@ def fit_default_tree(tree, target, arguments: argparse.Namespace):
             f"{limit} tokens exactly. Pass a smaller value, such as the default 4."
         )
     if arguments.total_tokens is not None:
-        if limit is not None and tree.lookup_tokens and tree.total_tokens + tree.lookup_tokens > limit:
+        # A tree over the limit alone is rejected with its own error when decoding starts.
+        crowded = limit is not None and tree.total_tokens <= limit < tree.total_tokens + tree.lookup_tokens
+        if crowded:
             logger.warning(
-                "the n-gram lookup gets as few as %d of its %d tokens per cycle: this target verifies at most %d tokens "
-                "exactly and the draft's tree takes up to %d. Lower --total-tokens to give it room, or pass "
+                "the n-gram lookup gets as few as %d of its %d tokens per cycle: this target verifies at most %d "
+                "tokens exactly and the draft's tree takes up to %d. Lower --total-tokens to give it room, or pass "
                 "--lookup-tokens 0 to turn it off",
                 max(limit - tree.total_tokens, 0), tree.lookup_tokens, limit, tree.total_tokens,
             )

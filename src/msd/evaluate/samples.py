@@ -79,7 +79,16 @@ def load_llava_file(path: Path, image_folder: Path, limit: int | None = None) ->
     if not isinstance(rows, list):
         raise MSDError(f"{path} must contain a list of LLaVA-format rows, got {type(rows).__name__}")
     rows = rows[:limit] if limit else rows
-    return [sample_from_row(row, index, lambda name: load_image(image_folder / name)) for index, row in enumerate(rows)]
+
+    def open_image(name: str):
+        if not (image_folder / name).exists():
+            raise MSDError(
+                f"image {name!r} of {path} not found in the image folder {image_folder}. Pass the folder that holds "
+                "the evaluation images with --image-folder (it defaults to the evaluation file's folder)."
+            )
+        return load_image(image_folder / name)
+
+    return [sample_from_row(row, index, open_image) for index, row in enumerate(rows)]
 
 
 def load_dataset_folder(path: Path, split: str, limit: int | None = None) -> list[EvalSample]:
