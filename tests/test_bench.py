@@ -212,7 +212,7 @@ class TimedMethod(Method):
 
 
 def test_repeats_keep_median_run(llava, samples):
-    # With three repeats, every method runs three timed times per sample and reports its median run, so one slow
+    # With three repeats, every method is timed three times per sample and reports its median run, so one slow
     # spell during a run does not move the result.
     methods = [TimedMethod("plain", [3.0, 1.0, 2.0]), TimedMethod("other", [0.5, 9.0, 1.0])]
     records = run_bench(methods, samples[:1], BenchSettings(max_new_tokens=4, warmup=0, repeats=3),

@@ -184,9 +184,12 @@ def test_time_products_times_each_row_count():
     assert time_products(nn.ReLU()) == {}
 
 
-def test_switched_target_decodes_like_generate(saved_target):
-    # with the switched layers, tree decoding still equals transformers' generate on the same model, token for token
-    target = load_target(saved_target, dtype="float64", cpu_linear_rows=8)
+@pytest.mark.parametrize(("max_rows", "pad_one_row"), [(8, False), (4, True), (0, True)])
+def test_switched_target_decodes_like_generate(saved_target, max_rows, pad_one_row):
+    # With the switched layers (one row padded or not), tree decoding still equals transformers' generate on the same
+    # model, token for token. The drafter's copy of the draft takes the same layers.
+    target = load_target(saved_target, dtype="float64", cpu_linear_rows=0)
+    use_small_batch_linears(target.model, max_rows, pad_one_row)
     torch.manual_seed(1)
     draft = DraftModel(DraftConfig.for_target(target)).double()
     inputs = llava_inputs(target.processor, "What is in this picture?", [random_image(60, 48, seed=2)])
@@ -194,8 +197,10 @@ def test_switched_target_decodes_like_generate(saved_target):
     expected = expected[0, inputs["input_ids"].shape[1] :].tolist()
 
     tree = TreeParams(depth=3, top_k=2, total_tokens=6)
-    output = SpeculativeGenerator(target, draft, tree).generate(inputs, max_new_tokens=16, eos_token_ids=[])
+    generator = SpeculativeGenerator(target, draft, tree)
+    output = generator.generate(inputs, max_new_tokens=16, eos_token_ids=[])
     assert output.token_ids == expected
+    assert generator.drafter.draft.fc.pad_one_row is pad_one_row
 
 
 def test_drafter_takes_target_choice(saved_target):

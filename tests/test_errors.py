@@ -123,10 +123,10 @@ def test_missing_target_folder(tmp_path):
 
 
 def test_corrupt_target_config(tmp_path):
-    # A damaged config.json names the folder and says what the folder must hold.
+    # A damaged config.json gives the folder and what the folder must contain.
     (tmp_path / "target").mkdir()
     (tmp_path / "target" / "config.json").write_text('{"model_type": "llava", ')
-    with pytest.raises(MSDError, match="cannot load a model config .* holds the model's config.json"):
+    with pytest.raises(MSDError, match="cannot load a model config .* contains the model's config.json"):
         load_target(tmp_path / "target")
 
 

@@ -83,7 +83,7 @@ def load_llava_file(path: Path, image_folder: Path, limit: int | None = None) ->
     def open_image(name: str):
         if not (image_folder / name).exists():
             raise MSDError(
-                f"image {name!r} of {path} not found in the image folder {image_folder}. Pass the folder that holds "
+                f"image {name!r} of {path} not found in the image folder {image_folder}. Pass the folder that contains "
                 "the evaluation images with --image-folder (it defaults to the evaluation file's folder)."
             )
         return load_image(image_folder / name)

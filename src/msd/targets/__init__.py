@@ -70,7 +70,7 @@ def load_target(
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise MSDError(
-            f"cannot load a model config from {path!s}: {error} Check that the folder holds the model's config.json "
+            f"cannot load a model config from {path!s}: {error} Check that the folder contains the model's config.json "
             "as saved by save_pretrained, or pass a Hugging Face model id."
         ) from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
