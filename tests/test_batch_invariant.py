@@ -4,6 +4,7 @@ These tests run the tiny targets in bfloat16, where PyTorch's own kernels round 
 many tokens share the forward. The comparisons are bitwise or token for token, with no tolerance.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from msd.errors import MSDError
 from msd.cli import main
 from msd.evaluate.method_setup import FUSED_PROMPT_REASON, build_methods, drop_unsupported
 from msd.evaluate.report import markdown_report
+from msd.evaluate import tree_tuning
 from msd.evaluate.tree_tuning import tune_tree
 from msd.targets import adapter_for, load_target
 from msd.targets import batch_invariant
@@ -369,6 +371,17 @@ def test_bench_skips_prompt_lookup(bf16_llava):
     assert f"- skipped prompt-lookup: {FUSED_PROMPT_REASON}" in report
 
 
+def test_default_prompt_lookup_skipped_quietly(bf16_llava, caplog):
+    # A method the user named is skipped with a warning, one from the default list with an info line.
+    methods = build_methods(bf16_llava.target, ["plain", "prompt-lookup"], TreeParams(2, 1, 3), {})
+    inputs = bf16_llava.make_inputs("Hi", [random_image(40, 40, 2)])
+    with caplog.at_level(logging.INFO, logger="msd.evaluate.method_setup"):
+        drop_unsupported(methods, inputs, requested=False)
+        drop_unsupported(methods, inputs, requested=True)
+    levels = [record.levelno for record in caplog.records if "skipping prompt-lookup" in record.getMessage()]
+    assert levels == [logging.INFO, logging.WARNING]
+
+
 def test_tree_tuning_keeps_exact_sizes(bf16_llava):
     # --tune-tree times only tree sizes the kernels verify exactly, and raises when none is left.
     draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
@@ -379,6 +392,26 @@ def test_tree_tuning_keeps_exact_sizes(bf16_llava):
     assert set(choice.forward_times) == {4, ROWS}
     with pytest.raises(MSDError, match="--tune-sizes"):
         tune_tree(bf16_llava.target, draft, inputs, base, sizes=[32, 48], depths=[2], pilot_tokens=4)
+
+
+def test_tree_tuning_charges_grafted_cycles(bf16_llava, monkeypatch, caplog):
+    # On a capped target the default sizes fit its limit with the lookup's tokens, so none is skipped. A candidate's
+    # estimate charges the larger forward only in the pilot's share of grafted cycles.
+    monkeypatch.setattr(tree_tuning, "time_target_forward", lambda target, inputs, sizes: {n: n * 1e-3 for n in sizes})
+    monkeypatch.setattr(tree_tuning, "time_draft_proposal", lambda *args: {2: 0.0})
+    draft = DraftModel(DraftConfig.for_target(bf16_llava.target))
+    inputs = bf16_llava.make_inputs("Hi", [random_image(40, 40, 2)])
+    base = TreeParams(2, 2, 4, lookup_tokens=4)
+    with caplog.at_level(logging.WARNING):
+        choice = tune_tree(bf16_llava.target, draft, inputs, base, depths=[2], pilot_tokens=12)
+    assert set(choice.forward_times) == set(tree_tuning.CAPPED_SIZES)
+    assert "skipped" not in caplog.text
+    for candidate in choice.candidates:
+        size, share = candidate["total_tokens"], candidate["graft_share"]
+        cycle = ((1 - share) * size + share * (size + 4)) * 1e-3
+        assert candidate["tokens_per_second"] == pytest.approx(candidate["tau"] / cycle)
+    shares = [candidate["graft_share"] for candidate in choice.candidates]
+    assert 0 < max(shares) < 1  # random models repeat themselves, but not from the first cycle
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from tiny_models import TinyQwen2VL, build_llava
 
 from msd.data.conversations import ConversationEncoder, SkipReason, load_images, parse_row
 from msd.data.dataset import FeatureDataset
-from msd.data.prepare import PrepareSettings, prepare_features, sample_bytes
-from msd.data.rows import open_rows
+from msd.data.prepare import FeaturePreparer, PrepareSettings, prepare_features, sample_bytes
+from msd.data.regenerate import AnswerRegenerator
+from msd.data.rows import Part, open_rows
 from msd.errors import MSDError
 from msd.targets import adapter_for
 
@@ -258,6 +259,64 @@ def test_resume_with_other_regenerate_batch_size_raises(llava_target, tmp_path):
     with pytest.raises(MSDError, match=r"regenerate_batch_size: 2 -> 4"):
         prepare_features(llava_target, ROWS[1:2], replace(settings, regenerate_batch_size=4))
     assert prepare_features(llava_target, ROWS[1:2], settings).stored == first == 1  # the same options resume
+
+
+def test_resumed_regenerate_batches_alike(llava_target, tmp_path, monkeypatch):
+    # A run stopped while answering its second batch resumes at that batch's first row, so every row is answered
+    # in the same batch as in an uninterrupted run (shards of 3 rows, batches of 4).
+    rows = [chat(f"Count to {number}.", "placeholder", row_id=f"row{number}") for number in range(8)]
+    batches = []
+    original = AnswerRegenerator.regenerate
+
+    def recording(self, conversations, images):
+        batches.append([conversation.sample_id for conversation in conversations])
+        if stop_at is not None and len(batches) == stop_at:
+            raise KeyboardInterrupt
+        return original(self, conversations, images)
+
+    monkeypatch.setattr(AnswerRegenerator, "regenerate", recording)
+    settings = PrepareSettings(
+        output=tmp_path / "out", kind="text", max_length=1000, regenerate=True, regenerate_max_tokens=2,
+        regenerate_batch_size=4, shard_size=3,
+    )
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        prepare_features(llava_target, rows, settings)
+    stop_at = None
+    assert prepare_features(llava_target, rows, settings).stored == 8
+    assert batches[2:] == [[f"row{number}" for number in range(4, 8)]]
+
+
+def test_part_resumes_after_its_last_committed_row(llava_target, tmp_path, monkeypatch, caplog):
+    # Part 1/2 reads rows 1, 3, 5 and 7. Stopped while recording its third row, it resumes at that row: no row is
+    # stored twice or left out. Reading the stopped folder warns that the part is not finished.
+    rows = [chat(f"Count to {number}.", "One two.", row_id=f"row{number}") for number in range(8)]
+    settings = PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, part=Part(1, 2), shard_size=2)
+    recorded = []
+    original = FeaturePreparer.record_row
+
+    def recording(self, conversation, images, index):
+        recorded.append(index)
+        if len(recorded) == 3 and stop:
+            raise KeyboardInterrupt
+        return original(self, conversation, images, index)
+
+    monkeypatch.setattr(FeaturePreparer, "record_row", recording)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        prepare_features(llava_target, rows, settings)
+    with caplog.at_level("WARNING", logger="msd.data.dataset"):
+        assert len(FeatureDataset(settings.output)) == 2
+    assert f"{Part(1, 2).name} not finished" in caplog.text
+    stop = False
+    assert prepare_features(llava_target, rows, settings).stored == 4
+    assert recorded == [1, 3, 5, 5, 7]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="msd.data.dataset"):
+        assert len(FeatureDataset(settings.output)) == 4
+    assert "not finished" not in caplog.text
+    manifest = (settings.output / f"{Part(1, 2).name}.manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["row"] for line in manifest] == [1, 3, 5, 7]
 
 
 def test_projected_size_counts_regenerated_answers(llava_target, image_root, tmp_path):

@@ -1,5 +1,6 @@
 """The training loop: exact resume, checkpoints loadable by msd generate, rotation, and input errors."""
 
+import copy
 import json
 import math
 import os
@@ -13,12 +14,15 @@ from safetensors.torch import load_file
 from msd.cli import main
 from msd.data import FeatureDataset
 from msd.decoding import SpeculativeGenerator, TreeParams
-from msd.draft import DraftModel
+from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
 from msd.evaluate.method_setup import check_draft_kind
 from msd.train import CurriculumConfig, DraftTrainer, TrainConfig
+from msd.train.trainer import _Progress
 from msd.train.checkpoint import list_checkpoints
+from msd.train.curriculum import CurriculumPosition
 from msd.train.loss import LossConfig
+from msd.targets import adapter_for
 from tiny_models import llava_inputs, random_image
 from train_helpers import prepare_folder, tiny_sources, tiny_target
 
@@ -82,6 +86,37 @@ def test_resume_with_changed_options_warns(tmp_path, setup, caplog):
     assert "learning_rate: 0.001 -> 0.002" in caplog.text
 
 
+def test_resume_with_other_sample_order_raises(tmp_path, setup):
+    # Held-out samples change the training sources, so the saved epoch position no longer fits: an error, not a
+    # resume that skips, repeats or never finishes the epoch.
+    target, text, vision = setup
+    DraftTrainer(config(save_every=1), target, text, vision, tmp_path).train(stop_at_step=1)
+    with pytest.raises(MSDError, match="rest of its epoch would come in another order.*eval_samples"):
+        DraftTrainer(config(save_every=1, eval_samples=1), target, text, vision, tmp_path).train(resume=True)
+
+
+def test_resume_before_later_checkpoints_raises(tmp_path, setup):
+    # Resuming an older checkpoint beside later ones would mix two runs, and rotation would delete the new one.
+    target, text, vision = setup
+    DraftTrainer(config(save_every=1, keep_checkpoints=3), target, text, vision, tmp_path).train(stop_at_step=3)
+    first = list_checkpoints(tmp_path)[0]
+    with pytest.raises(MSDError, match="later checkpoints"):
+        DraftTrainer(config(save_every=1, keep_checkpoints=3), target, text, vision, tmp_path).train(resume=first)
+    assert len(list_checkpoints(tmp_path)) == 3
+
+
+def test_init_draft_keeps_its_precision(tmp_path, setup):
+    # Next to a bfloat16 target, a float32 draft to start from keeps its weights unrounded.
+    target, text, _ = setup
+    bf16_target = adapter_for(copy.deepcopy(target.model).to(torch.bfloat16), target.processor)
+    start = DraftModel(DraftConfig.for_target(target))
+    with torch.no_grad():
+        start.fc.weight.fill_(1 + 2**-12)  # not a bfloat16 value
+    trainer = DraftTrainer(config(), bf16_target, text, None, tmp_path, draft=copy.deepcopy(start))
+    assert trainer.draft.fc.weight.dtype == torch.float32
+    assert torch.equal(trainer.draft.fc.weight, start.fc.weight)
+
+
 def test_long_warmup_warns(tmp_path, setup, caplog):
     # A warm-up as long as the run never reaches the peak learning rate.
     target, text, vision = setup
@@ -103,6 +138,18 @@ def test_checkpoints_load_and_rotate(tmp_path, setup):
     assert torch.equal(draft.fc.weight, DraftModel.from_pretrained(final).fc.weight)
 
     assert_decodes_like_plain(target, draft, TreeParams(depth=3, top_k=3, total_tokens=8))
+
+
+def test_checkpoint_of_same_step_replaced(tmp_path, setup):
+    # Saving a step again replaces its checkpoint and leaves no hidden folder behind.
+    target, text, vision = setup
+    trainer = DraftTrainer(config(save_every=1), target, text, vision, tmp_path)
+    trainer.train(stop_at_step=1)
+    (list_checkpoints(tmp_path)[0] / "marker").write_text("first")
+    trainer._save(_Progress(step=1, position=CurriculumPosition(step_in_epoch=1)))
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000001"]
+    assert not (list_checkpoints(tmp_path)[0] / "marker").exists()
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
 
 
 def test_checkpoint_file_permissions(tmp_path, setup):

@@ -84,9 +84,9 @@ def register(subparsers) -> None:
         help="choose --total-tokens and --depth for this machine by timing the target's forward at several tree "
         "sizes and the draft's proposals (needs --draft); the choice is logged and written to the report",
     )
-    parser.add_argument("--tune-sizes", default="16,32,48,64", help="tree sizes tried by --tune-tree, "
-                        "comma-separated (default 16,32,48,64; on CPUs in float32 try 4,6,8; on a bfloat16 target with "
-                        "batch-invariant kernels sizes above 16 are skipped)")
+    parser.add_argument("--tune-sizes", help="tree sizes tried by --tune-tree, comma-separated, lookup tokens "
+                        "excluded (default 16,32,48,64, and 6,8,10,12 on a bfloat16 CPU target with batch-invariant "
+                        "kernels, which verify at most 16 tokens; on CPUs in float32 try 2,3,4,6)")
     parser.add_argument("--tune-depths", default="3,5,7", help="depths tried by --tune-tree, comma-separated "
                         "(default 3,5,7)")
     parser.add_argument("--tune-pilot-tokens", type=int, default=64, help="tokens each --tune-tree pilot generates "
@@ -129,6 +129,8 @@ def run(arguments: argparse.Namespace) -> int:
         raise MSDError("--tune-tree times the MSD draft: pass --draft.")
     if arguments.tune_pilot_tokens < 2:
         raise MSDError(f"--tune-pilot-tokens must be at least 2, got {arguments.tune_pilot_tokens}")
+    tune_sizes = parse_sizes(arguments.tune_sizes, "--tune-sizes") if arguments.tune_sizes else None
+    tune_depths = parse_sizes(arguments.tune_depths, "--tune-depths")
     tree = tree_from(arguments)
     samples = load_samples(arguments.data, arguments.image_folder, arguments.split, arguments.limit)
 
@@ -148,14 +150,14 @@ def run(arguments: argparse.Namespace) -> int:
     tuning = None
     if arguments.tune_tree:
         tuning = tune_tree(
-            target, drafts["msd"], build(samples[0]), tree, parse_sizes(arguments.tune_sizes, "--tune-sizes"),
-            parse_sizes(arguments.tune_depths, "--tune-depths"), pilot_tokens=arguments.tune_pilot_tokens,
+            target, drafts["msd"], build(samples[0]), tree, tune_sizes, tune_depths,
+            pilot_tokens=arguments.tune_pilot_tokens,
         )
         tree = tuning.params
         print(f"tree chosen for this machine: --total-tokens {tree.total_tokens} --depth {tree.depth}", file=sys.stderr)
 
     methods = build_methods(target, names, tree, drafts, assistant, arguments.prompt_lookup_tokens)
-    methods, skipped = drop_unsupported(methods, build(samples[0]))
+    methods, skipped = drop_unsupported(methods, build(samples[0]), requested=bool(arguments.methods))
     tokenizer = getattr(target.processor, "tokenizer", target.processor)
     records = run_bench(methods, samples, settings, build, tokenizer, progress=not arguments.no_progress)
 

@@ -27,14 +27,17 @@ of tensors (T tokens, H hidden size, N visual tokens, P position rows):
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from msd.data.storage import CARD_NAME, MANIFEST_SUFFIX
+from msd.data.storage import CARD_NAME, MANIFEST_SUFFIX, read_part_states
 from msd.errors import MSDError
+
+logger = logging.getLogger(__name__)
 
 FIELDS = ("input_ids", "hidden_states", "visual_embeds", "visual_mask", "loss_mask")
 
@@ -57,6 +60,12 @@ class FeatureDataset(Dataset):
             with open(manifest, encoding="utf-8") as handle:
                 self.entries += [json.loads(line) for line in handle if line.strip()]
         self.lengths = [entry["length"] for entry in self.entries]
+        unfinished = [name for name, state in read_part_states(self.folder).items() if not state.finished]
+        if unfinished:
+            logger.warning(
+                "%s: %s not finished, so only the samples stored so far are read. Run msd prepare-data again with the "
+                "same options to finish.", self.folder, ", ".join(unfinished),
+            )
         self._handles: dict[str, object] = {}  # shard file -> open safetensors handle
 
     def __len__(self) -> int:

@@ -191,8 +191,9 @@ class FeaturePreparer:
                             logger.warning("skipping row %d (%s): %s", index, outcome.reason, outcome.detail)
                     else:
                         writer.add(*outcome)
-                    if writer.full:
-                        writer.commit(next_row=index + 1)
+                # Commits fall on chunk ends, so a resumed run regenerates the same rows in the same batches.
+                if writer.full:
+                    writer.commit(next_row=chunk[-1] + 1)
                 progress.update(len(chunk))
                 progress.set_postfix(stored=writer.state.stored + len(writer.entries), skipped=logged.total())
         writer.commit(next_row=selected.stop, finished=True)

@@ -86,11 +86,11 @@ class DraftModel(nn.Module):
 
     # -- the target's shared parts --------------------------------------------------------------------
 
-    def attach(self, target) -> DraftModel:
-        """Check the draft fits `target` (a TargetAdapter), move to its device and dtype, and borrow its frozen
-        embedding and LM head."""
+    def attach(self, target, dtype: torch.dtype | None = None) -> DraftModel:
+        """Check the draft fits `target` (a TargetAdapter), move to its device and to `dtype` (default: the target's),
+        and borrow its frozen embedding and LM head."""
         self.config.check_fits(target)
-        self.to(device=target.device, dtype=target.dtype)
+        self.to(device=target.device, dtype=dtype or target.dtype)
         head = target.lm_head.weight.detach()
         if self.draft_to_target is not None:
             head = head[self.draft_to_target.to(head.device)]  # (draft vocab, H): a small copy of the used rows

@@ -68,17 +68,22 @@ def check_draft_kind(name: str, draft: DraftModel) -> None:
         )
 
 
-def drop_unsupported(methods: list[Method], inputs: Mapping[str, torch.Tensor]) -> tuple[list[Method], dict]:
+def drop_unsupported(
+    methods: list[Method], inputs: Mapping[str, torch.Tensor], requested: bool = True
+) -> tuple[list[Method], dict]:
     """Try each transformers method on one sample; returns the methods that ran and {name: error} for the rest.
 
     transformers' prompt-lookup and assisted decoding do not support every vision-language model (for example, in
     transformers 5.25 prompt lookup fails on LLaVA, which re-checks image tokens against features on each step).
+    requested: the user named the methods. A default method that cannot be exact on this target is then skipped with
+    an info line instead of a warning (the report gives the reason either way).
     """
     kept, skipped = [], {}
     for method in methods:
         fused = isinstance(method, TransformersMethod) and method.name in FUSED_PROMPT_METHODS
         if fused and method.target.max_tree_tokens is not None:
-            logger.warning("skipping %s: %s", method.name, FUSED_PROMPT_REASON)
+            logger.log(logging.WARNING if requested else logging.INFO, "skipping %s: %s", method.name,
+                       FUSED_PROMPT_REASON)
             skipped[method.name] = FUSED_PROMPT_REASON
             continue
         if isinstance(method, TransformersMethod):

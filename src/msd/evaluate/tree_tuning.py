@@ -4,17 +4,20 @@ A tree of n tokens costs one target forward over n tokens plus `depth` draft ste
 the target's forward costs about the same for 1 and for dozens of tokens, so large trees pay off. On a CPU the cost
 grows with n almost from the start, so small trees win. `tune_tree`:
 
-1. times the target's forward over trees of each candidate size (after one prompt's prefill);
+1. times the target's forward over trees of each candidate size, with and without the n-gram lookup's tokens
+   (`TreeParams.lookup_tokens`, within the target's exact limit), after one prompt's prefill;
 2. times the draft's proposal of a tree for each candidate depth;
-3. runs a short greedy generation with each (total_tokens, depth) pair to measure tau;
-4. picks the pair with the highest estimated throughput tau / (forward time + proposal time).
+3. runs a short greedy generation with each (total_tokens, depth) pair to measure tau and the share g of cycles whose
+   tree received grafted tokens;
+4. picks the pair with the highest estimated throughput
 
-The forward time of a size is measured with the n-gram lookup's tokens added (`TreeParams.lookup_tokens`, within the
-target's exact limit). The lookup grafts them only in cycles where the text's last tokens occurred before, so the
-estimate charges every cycle the larger forward.
+       tau / ((1 - g) * forward(size) + g * forward(size + lookup tokens) + proposal(depth)).
 
-The estimate uses the repeated timings of steps 1 and 2 rather than the pilot's own wall time, which is one short
-run and noisy.
+A grafted cycle is charged the whole lookup budget, though the lookup may graft fewer tokens. The estimate uses the
+repeated timings of steps 1 and 2 rather than the pilot's own wall time, which is one short run and noisy.
+
+Candidate sizes default to `DEFAULT_SIZES`, suited to GPUs, and to `CAPPED_SIZES` on a target whose batch-invariant
+CPU kernels verify at most 16 tokens.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from msd.targets.base import TargetAdapter, truncate_cache
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (16, 32, 48, 64)
+#: sizes for a target with an exact-verification limit (`TargetAdapter.max_tree_tokens`), lookup tokens excluded
+CAPPED_SIZES = (6, 8, 10, 12)
 DEFAULT_DEPTHS = (3, 5, 7)
 
 
@@ -44,9 +49,10 @@ class TreeChoice:
     """The chosen tree and the measurements behind it. Times are median seconds."""
 
     params: TreeParams
-    forward_times: dict[int, float]  # tree size -> one target forward over its tokens and the lookup's
+    forward_times: dict[int, float]  # tree size -> one target forward over its tokens
+    grafted_forward_times: dict[int, float]  # tree size -> one target forward over its tokens and the lookup's
     proposal_times: dict[int, float]  # depth -> one draft proposal
-    candidates: list[dict]  # per (total_tokens, depth): pilot tau and estimated tokens per second
+    candidates: list[dict]  # per (total_tokens, depth): pilot tau, graft share and estimated tokens per second
 
     def as_dict(self) -> dict:
         return {
@@ -57,6 +63,7 @@ class TreeChoice:
                 "lookup_tokens": self.params.lookup_tokens,
             },
             "forward_times": self.forward_times,
+            "grafted_forward_times": self.grafted_forward_times,
             "proposal_times": self.proposal_times,
             "candidates": self.candidates,
         }
@@ -110,14 +117,16 @@ def tune_tree(
     draft: DraftModel,
     inputs: Mapping[str, torch.Tensor],
     base: TreeParams,
-    sizes: Sequence[int] = DEFAULT_SIZES,
+    sizes: Sequence[int] | None = None,
     depths: Sequence[int] = DEFAULT_DEPTHS,
     pilot_tokens: int = 64,
 ) -> TreeChoice:
     """Pick total_tokens and depth for this machine (see the module docstring); top_k is kept from `base`."""
+    limit = target.max_tree_tokens
+    if sizes is None:
+        sizes = DEFAULT_SIZES if limit is None else [size for size in CAPPED_SIZES if size <= limit]
     sizes = sorted(set(sizes))
     depths = sorted(set(depths))
-    limit = target.max_tree_tokens
     if limit is not None and max(sizes) > limit:
         exact = [size for size in sizes if size <= limit]
         if not exact:
@@ -127,13 +136,15 @@ def tune_tree(
             )
         logger.warning("tree sizes above %d skipped: this target verifies at most %d tokens exactly", limit, limit)
         sizes = exact
-    # Each size is timed with the lookup's tokens added (see the module docstring).
-    verified = {size: size + base.lookup_tokens if limit is None else min(size + base.lookup_tokens, limit)
-                for size in sizes}
-    timed = time_target_forward(target, inputs, sorted(set(verified.values())))
-    forward_times = {size: timed[verified[size]] for size in sizes}
+    grafted = {size: size + base.lookup_tokens if limit is None else min(size + base.lookup_tokens, limit)
+               for size in sizes}
+    timed = time_target_forward(target, inputs, sorted(set(sizes) | set(grafted.values())))
+    forward_times = {size: timed[size] for size in sizes}
+    grafted_times = {size: timed[grafted[size]] for size in sizes}
     proposal_times = time_draft_proposal(target, draft, inputs, replace(base, total_tokens=max(sizes)), depths)
     logger.info("target forward time by tree size: %s", milliseconds(forward_times))
+    if base.lookup_tokens:
+        logger.info("with up to %d lookup tokens: %s", base.lookup_tokens, milliseconds(grafted_times))
     logger.info("draft proposal time by depth: %s", milliseconds(proposal_times))
 
     candidates = []
@@ -144,16 +155,20 @@ def tune_tree(
             params = replace(base, total_tokens=size, depth=depth)
             # End-of-sequence tokens are ignored so that every pilot decodes pilot_tokens tokens.
             generator = SpeculativeGenerator(target, draft, params)
-            output = generator.generate(inputs, max_new_tokens=pilot_tokens, eos_token_ids=[])
-            estimate = output.stats.tau / (forward_times[size] + proposal_times[depth])
-            candidates.append({"total_tokens": size, "depth": depth, "tau": output.stats.tau, "tokens_per_second": estimate})
+            stats = generator.generate(inputs, max_new_tokens=pilot_tokens, eos_token_ids=[]).stats
+            share = generator.drafter.grafts / stats.target_forwards if stats.target_forwards else 0.0
+            cycle = (1 - share) * forward_times[size] + share * grafted_times[size] + proposal_times[depth]
+            candidates.append({
+                "total_tokens": size, "depth": depth, "tau": stats.tau, "graft_share": share,
+                "tokens_per_second": stats.tau / cycle,
+            })
     if not candidates:
         raise ValueError(f"no candidate tree: every depth in {depths} is at least every size in {sizes}")
     best = max(candidates, key=lambda candidate: candidate["tokens_per_second"])
     chosen = replace(base, total_tokens=best["total_tokens"], depth=best["depth"])
     logger.info("chose total_tokens=%d depth=%d (estimated %.1f tokens/s)", chosen.total_tokens, chosen.depth,
                 best["tokens_per_second"])
-    return TreeChoice(chosen, forward_times, proposal_times, candidates)
+    return TreeChoice(chosen, forward_times, grafted_times, proposal_times, candidates)
 
 
 def milliseconds(times: dict[int, float]) -> str:

@@ -32,6 +32,12 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """Return the optimizer step in a checkpoint folder's name (-1 for a folder not named checkpoint-N)."""
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
     output_dir = Path(output_dir)
@@ -64,11 +70,17 @@ def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_sta
         draft.save_pretrained(partial / "draft")
         (partial / STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
         share_like(partial / "state", partial / STATE_NAME)
-        shutil.rmtree(final, ignore_errors=True)
+        # A checkpoint of the same step is replaced only once the new one is complete, so a kill keeps one of them.
+        replaced = output_dir / f".{final.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        if final.exists():
+            os.replace(final, replaced)
         os.replace(partial, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
-            logger.info("removed old checkpoint %s (keeping %d)", old.name, keep)
+            if old != final:
+                shutil.rmtree(old)
+                logger.info("removed old checkpoint %s (keeping %d)", old.name, keep)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final

@@ -62,6 +62,10 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_every", "eval_samples", "num_workers", "weight_decay"):
             if getattr(self, name) < 0:
                 raise MSDError(f"training option {name} must be zero or positive, got {getattr(self, name)}.")
+        if self.max_length < 3:
+            raise MSDError(
+                f"training option max_length must be at least 3 tokens (one training slot), got {self.max_length}."
+            )
         if self.draft_layers is not None and self.draft_layers < 1:
             raise MSDError(f"training option draft_layers must be at least 1, got {self.draft_layers}.")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 2:

@@ -143,11 +143,15 @@ def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
 
 
 def add_uniform_noise(features: torch.Tensor, width: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Add noise drawn uniformly from [-width / 2, width / 2] (EAGLE's feature augmentation)."""
+    """Add noise drawn uniformly from [-width / 2, width / 2] (EAGLE's feature augmentation), in float32.
+
+    Stored 16-bit features stay float32 after the noise: in bfloat16 a noise of 0.1 would round away on every entry
+    of magnitude 32 or more.
+    """
     if width == 0:
         return features
     noise = torch.rand(features.shape, generator=generator, device=features.device, dtype=torch.float32)
-    return features + ((noise - 0.5) * width).to(features.dtype)
+    return features.float() + (noise - 0.5) * width
 
 
 def compute_loss(

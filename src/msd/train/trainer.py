@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,13 @@ from transformers import get_scheduler
 
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
-from msd.train.checkpoint import find_resume_checkpoint, read_trainer_state, save_checkpoint
+from msd.train.checkpoint import (
+    checkpoint_step,
+    find_resume_checkpoint,
+    list_checkpoints,
+    read_trainer_state,
+    save_checkpoint,
+)
 from msd.train.config import TrainConfig
 from msd.train.curriculum import MULTIMODAL, TEXT, Curriculum, CurriculumPosition
 from msd.train.data import FeatureSource, check_features_fit, default_collate, split_source
@@ -150,9 +156,9 @@ class DraftTrainer:
                 f"checkpoint on --resume), which has {draft.config.draft_vocab_size}. Leave draft_vocab_size unset "
                 "(null in a config file) to keep it."
             )
-        draft.attach(target)
-        if target.dtype in (torch.float16, torch.bfloat16):
-            draft.float()  # float32 master weights; mixed_precision runs the forward in 16-bit
+        # float32 master weights next to a 16-bit target (mixed_precision runs the forward in 16-bit), converted
+        # directly: a draft to start from keeps its saved precision rather than the target's dtype.
+        draft.attach(target, dtype=torch.float32 if target.dtype in (torch.float16, torch.bfloat16) else None)
         return draft.train()
 
     def _count_steps(self) -> int:
@@ -174,7 +180,8 @@ class DraftTrainer:
         """Train to the end of the schedule and return the final draft folder.
 
         resume: True for the newest checkpoint in the output folder, or a checkpoint folder. stop_at_step ends the
-        call after that global step as an interruption would (the schedule is unchanged), after a checkpoint.
+        call after that global step as an interruption would (the schedule is unchanged): a later resume starts from
+        the last checkpoint the save schedule wrote.
         """
         progress = self._resume(resume) if resume else _Progress(0, CurriculumPosition())
         self.accelerator.init_trackers("msd_train")
@@ -207,6 +214,11 @@ class DraftTrainer:
         first_step = progress.step - position.step_in_epoch
         plan = self.curriculum.plan(position.epoch, first_step, position)
         steps = len(plan.sources) // self.draws_per_step
+        if position.step_in_epoch >= steps:  # `_resume` rejects the changes that shorten a saved epoch
+            raise MSDError(
+                f"epoch {position.epoch + 1} has {steps} steps, but this run is at its step {position.step_in_epoch}. "
+                "Resume with the data, eval_samples, epochs and curriculum of the interrupted run, or start a new run."
+            )
         p = self.curriculum.multimodal_probability(position.epoch, first_step)
         logger.info(
             "epoch %d: %d steps, multimodal probability %.3f, multimodal share %.3f",
@@ -282,7 +294,8 @@ class DraftTrainer:
     def _optimizer_step(self) -> None:
         self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # float16's loss scaler skips steps with inf gradients
+            self.scheduler.step()
         self.optimizer.zero_grad()
 
     def _after_step(self, progress: _Progress, window: MetricWindow, end_of_epoch: bool) -> None:
@@ -341,22 +354,49 @@ class DraftTrainer:
             "draws_per_step": self.draws_per_step,
             "processes": self.accelerator.num_processes,
             "seed": self.config.seed,
+            "order": self._order(),
             "config": self.config.as_dict(),
         }
         return save_checkpoint(
             self.accelerator, self.draft, self.output_dir, progress.step, state, self.config.keep_checkpoints
         )
 
+    def _order(self) -> dict:
+        """What decides the sample order besides the seed and batch geometry: source sizes and the curriculum."""
+        sizes = {self.sources[source].name: self.sources[source].size for source in sorted(self.sources)}
+        return {"train_samples": sizes, "curriculum": asdict(self.curriculum.config)}
+
     def _resume(self, resume: str | Path | bool) -> _Progress:
         checkpoint = find_resume_checkpoint(resume, self.output_dir)
+        step = checkpoint_step(checkpoint)
+        newer = [path.name for path in list_checkpoints(self.output_dir) if checkpoint_step(path) > step]
+        if newer:
+            raise MSDError(
+                f"cannot resume from {checkpoint}: {self.output_dir} already contains later checkpoints of a run that "
+                f"went on from it ({', '.join(newer)}), and the resumed run would mix with them. Resume from the "
+                "newest (--resume without a folder), move the later ones away, or pass another --output."
+            )
         state = read_trainer_state(checkpoint)
-        for name, current in (("draws_per_step", self.draws_per_step), ("seed", self.config.seed)):
-            if state[name] != current:
+        geometry = (("draws_per_step", self.draws_per_step), ("processes", self.accelerator.num_processes),
+                    ("seed", self.config.seed))
+        for name, current in geometry:
+            if name in state and state[name] != current:
                 raise MSDError(
                     f"cannot resume from {checkpoint}: it was trained with {name} {state[name]}, this run has "
                     f"{current}. Resume with the same micro_batch_size, gradient_accumulation, process count and "
                     "seed, or start a new run."
                 )
+        position = CurriculumPosition(**state["position"])
+        reordered = changed_options(state["order"], self._order()) if "order" in state else []
+        if reordered and position.step_in_epoch:
+            raise MSDError(
+                f"cannot resume from {checkpoint}: the rest of its epoch would come in another order "
+                f"({'; '.join(reordered)}). Resume with the same data folders, eval_samples, epochs and curriculum, "
+                "resume from a checkpoint at the end of an epoch, or start a new run."
+            )
+        if reordered:
+            logger.warning("resuming at the start of epoch %d with another sample order: %s", position.epoch + 1,
+                           "; ".join(reordered))
         saved = DraftConfig.load(checkpoint / "draft")
         for name in ("num_layers", "draft_vocab_size", "decouple_visual", "input_layernorm"):
             if getattr(saved, name) != getattr(self.draft.config, name):
@@ -369,7 +409,6 @@ class DraftTrainer:
         if changed:
             logger.warning("resuming %s with changed training options: %s", checkpoint, "; ".join(changed))
         self.accelerator.load_state(str(checkpoint / "state"))
-        position = CurriculumPosition(**state["position"])
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], position.epoch + 1)
         return _Progress(step=state["step"], position=position)
 
