@@ -303,6 +303,9 @@ def test_draft_kind_checked(llava):
     eagle = DraftModel(DraftConfig.for_target(llava, decouple_visual=False))
     with pytest.raises(MSDError, match="--eagle-draft"):
         check_draft_kind("msd", eagle)
+    # An MSD draft passed as the ablation points to the conversion option that gives the ablation its layout.
+    with pytest.raises(MSDError, match="--draft instead, or convert .* --no-decouple-visual"):
+        check_draft_kind("eagle", DraftModel(DraftConfig.for_target(llava)))
     with pytest.raises(MSDError, match="unknown bench method"):
         build_methods(llava, ["plain", "medusa"], TreeParams(), {})
     with pytest.raises(MSDError, match="--assistant"):

@@ -9,7 +9,9 @@ from safetensors.torch import save_file
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.draft.convert import convert_checkpoint, weight_name_map
+from msd.cli import main
 from msd.errors import MSDError
+from msd.targets import load_target
 from tiny_models import llava_inputs, random_image
 from train_helpers import tiny_target
 
@@ -106,8 +108,26 @@ def test_convert_rejects_pickled_code(tmp_path, target):
 
 
 def test_convert_missing_files_raise(tmp_path, target):
+    # A hub id or a missing folder is named as such, then an empty folder and one without weights.
+    with pytest.raises(MSDError, match="checkpoint folder not found: lucylyn/MSD-LLaVA1.5-7B.*hf download"):
+        convert_checkpoint("lucylyn/MSD-LLaVA1.5-7B", tmp_path / "msd", target.config)
     with pytest.raises(MSDError, match="no config.json"):
         convert_checkpoint(tmp_path, tmp_path / "msd", target.config)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(MSDError, match="no weights"):
         convert_checkpoint(tmp_path, tmp_path / "msd", target.config)
+
+
+def test_original_llava_format_target_raises(tmp_path, capsys):
+    # A target in the original LLaVA repository's format is named as such, before transformers' default sizes appear
+    # in a shape error.
+    folder = tmp_path / "llava-v1.5-7b"
+    folder.mkdir()
+    original = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 4096,
+                "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+    (folder / "config.json").write_text(json.dumps(original))
+    code = main(["convert", "--checkpoint", str(tmp_path), "--target", str(folder), "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "original LLaVA repository's format" in capsys.readouterr().err
+    with pytest.raises(MSDError, match="original LLaVA repository's format.*llava-hf/llava-1.5-7b-hf"):
+        load_target(folder)

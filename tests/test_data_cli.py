@@ -96,6 +96,23 @@ def test_run_then_rerun_is_noop(workspace, tmp_path, capsys):
     assert second[1].keys() == first[1].keys()
 
 
+def test_every_row_skipped_fails(workspace, tmp_path, capsys, monkeypatch, caplog):
+    # Image paths read from the current folder find no image: the run names the option to pass and exits with an
+    # error. The rerun, whose part is finished, warns that it redoes nothing.
+    output = tmp_path / "out"
+    options = arguments(workspace, output)
+    del options[options.index("--image-root") : options.index("--image-root") + 2]
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert main(options + ["--limit", "3"]) == 2
+    assert "pass --image-root" in caplog.text
+    assert "no sample was stored: every row of part-00000-of-00001 was skipped" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(options + ["--limit", "3"]) == 2
+    assert "finished by an earlier run" in caplog.text
+
+
 def test_accelerate_process_takes_its_part(workspace, tmp_path, monkeypatch):
     import accelerate
 
@@ -176,7 +193,9 @@ def test_resume_after_sigkill(workspace, reference, tmp_path):
     assert_same_features(output, reference)
 
 
-def test_resume_discards_half_written_shard(workspace, reference, tmp_path, monkeypatch):
+def test_resume_discards_half_written_shard(workspace, reference, tmp_path, monkeypatch, capsys):
+    # An interruption while a shard is written leaves a temporary file that the rerun discards. The message tells
+    # how to continue.
     import msd.data.storage as storage
 
     output = tmp_path / "interrupted"
@@ -192,6 +211,7 @@ def test_resume_discards_half_written_shard(workspace, reference, tmp_path, monk
 
     monkeypatch.setattr(storage, "atomic_save_tensors", interrupted_save)
     assert main(arguments(workspace, output)) == 130
+    assert "interrupted. Run the same command again to continue" in capsys.readouterr().err
     assert len(list(output.glob(".*.tmp"))) == 1
     monkeypatch.setattr(storage, "atomic_save_tensors", save_tensors)
 

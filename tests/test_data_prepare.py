@@ -262,8 +262,8 @@ def test_resume_with_other_regenerate_batch_size_raises(llava_target, tmp_path):
 
 
 def test_resumed_regenerate_batches_alike(llava_target, tmp_path, monkeypatch):
-    # A run stopped while answering its second batch resumes at that batch's first row, so every row is answered
-    # in the same batch as in an uninterrupted run (shards of 3 rows, batches of 4).
+    # A run stopped during its second batch of regenerated answers resumes at that batch's first row, so every row
+    # gets its answer in the same batch as in an uninterrupted run (shards of 3 rows, batches of 4).
     rows = [chat(f"Count to {number}.", "placeholder", row_id=f"row{number}") for number in range(8)]
     batches = []
     original = AnswerRegenerator.regenerate
@@ -289,7 +289,7 @@ def test_resumed_regenerate_batches_alike(llava_target, tmp_path, monkeypatch):
 
 def test_part_resumes_after_its_last_committed_row(llava_target, tmp_path, monkeypatch, caplog):
     # Part 1/2 reads rows 1, 3, 5 and 7. Stopped while recording its third row, it resumes at that row: no row is
-    # stored twice or left out. Reading the stopped folder warns that the part is not finished.
+    # stored twice or left out. Reading the folder warns about the stopped part and about part 0/2, never started.
     rows = [chat(f"Count to {number}.", "One two.", row_id=f"row{number}") for number in range(8)]
     settings = PrepareSettings(output=tmp_path / "out", kind="text", max_length=1000, part=Part(1, 2), shard_size=2)
     recorded = []
@@ -307,14 +307,14 @@ def test_part_resumes_after_its_last_committed_row(llava_target, tmp_path, monke
         prepare_features(llava_target, rows, settings)
     with caplog.at_level("WARNING", logger="msd.data.dataset"):
         assert len(FeatureDataset(settings.output)) == 2
-    assert f"{Part(1, 2).name} not finished" in caplog.text
+    assert f"parts not finished: {Part(1, 2).name}, {Part(0, 2).name} (not started)" in caplog.text
     stop = False
     assert prepare_features(llava_target, rows, settings).stored == 4
     assert recorded == [1, 3, 5, 5, 7]
     caplog.clear()
     with caplog.at_level("WARNING", logger="msd.data.dataset"):
         assert len(FeatureDataset(settings.output)) == 4
-    assert "not finished" not in caplog.text
+    assert f"parts not finished: {Part(0, 2).name} (not started)." in caplog.text
     manifest = (settings.output / f"{Part(1, 2).name}.manifest.jsonl").read_text().splitlines()
     assert [json.loads(line)["row"] for line in manifest] == [1, 3, 5, 7]
 

@@ -10,6 +10,7 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is optional: pip install --no
 from lmms_eval import evaluator  # noqa: E402
 from lmms_eval.models import MODEL_REGISTRY_V2  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
+from loguru import logger  # noqa: E402
 
 from msd.draft import DraftConfig, DraftModel  # noqa: E402
 from msd.errors import MSDError  # noqa: E402
@@ -69,6 +70,17 @@ def test_local_task_same_with_and_without_draft(saved_models):
     assert max(lengths) <= 64  # the caption task's max_new_tokens
     assert sum(length <= 16 for length in lengths) >= LIMIT  # the vqa task's max_new_tokens
 
+    # The summary goes to lmms-eval's log (loguru) with its numbers filled in.
+    messages = []
+    sink = logger.add(messages.append, format="{message}")
+    try:
+        speculative.log_summary()
+    finally:
+        logger.remove(sink)
+    assert f"msd: {2 * LIMIT} requests" in messages[0]
+    assert f"0 of {2 * LIMIT} greedy outputs differ" in messages[1]
+    assert "%" not in "".join(messages)
+
 
 def test_lookup_tokens_model_arg(saved_models):
     # lmms-eval passes model args as strings: lookup_tokens=0 turns the n-gram lookup off.
@@ -76,11 +88,16 @@ def test_lookup_tokens_model_arg(saved_models):
     assert model.generator.tree.lookup_tokens == 0
 
 
-def test_plugin_rejects_wrong_family_and_batch(saved_models):
+def test_plugin_rejects_wrong_family_batch_and_unknown_args(saved_models):
     with pytest.raises(MSDError, match="llava_msd or qwen2_vl_msd"):
         Qwen2VLMSD(pretrained=str(saved_models / "target"))
     with pytest.raises(MSDError, match="batch_size"):
         LlavaMSD(pretrained=str(saved_models / "target"), batch_size=2)
+    # A misspelt model arg stops the run instead of leaving the default tree in place.
+    with pytest.raises(MSDError, match="unknown model args: total_token"):
+        LlavaMSD(pretrained=str(saved_models / "target"), total_token="10")
+    # lmms-eval passes its own max_batch_size when set.
+    assert LlavaMSD(pretrained=str(saved_models / "target"), max_batch_size="4").draft is None
 
 
 def test_gen_kwargs_mapping():

@@ -95,6 +95,15 @@ def test_resume_with_other_sample_order_raises(tmp_path, setup):
         DraftTrainer(config(save_every=1, eval_samples=1), target, text, vision, tmp_path).train(resume=True)
 
 
+def test_fresh_run_beside_checkpoints_raises(tmp_path, setup):
+    # A second run without --resume in the same folder would rotate out the first run's checkpoints.
+    target, text, vision = setup
+    DraftTrainer(config(), target, text, vision, tmp_path).train(stop_at_step=2)
+    with pytest.raises(MSDError, match="Pass --resume"):
+        DraftTrainer(config(), target, text, vision, tmp_path).train()
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000002"]
+
+
 def test_resume_before_later_checkpoints_raises(tmp_path, setup):
     # Resuming an older checkpoint beside later ones would mix two runs, and rotation would delete the new one.
     target, text, vision = setup
@@ -115,6 +124,23 @@ def test_init_draft_keeps_its_precision(tmp_path, setup):
     trainer = DraftTrainer(config(), bf16_target, text, None, tmp_path, draft=copy.deepcopy(start))
     assert trainer.draft.fc.weight.dtype == torch.float32
     assert torch.equal(trainer.draft.fc.weight, start.fc.weight)
+
+
+def test_run_inside_text_stage_warns(tmp_path, setup, caplog):
+    # A text-only stage longer than the run leaves the vision data unused, for example the research config's 20
+    # text-only epochs with --epochs 4. A run that reaches the ramp does not warn.
+    target, text, vision = setup
+    with caplog.at_level("WARNING"):
+        DraftTrainer(config(curriculum=CurriculumConfig(text_only=20, ramp=19)), target, text, vision, tmp_path)
+    assert "--vision-data is not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        DraftTrainer(config(), target, text, vision, tmp_path)
+        DraftTrainer(config(max_steps=2), target, text, None, tmp_path)
+    assert "--vision-data is not used" not in caplog.text
+    with caplog.at_level("WARNING"):
+        DraftTrainer(config(max_steps=2), target, text, vision, tmp_path)  # the first epoch is text only
+    assert "--vision-data is not used" in caplog.text
 
 
 def test_long_warmup_warns(tmp_path, setup, caplog):
@@ -254,6 +280,10 @@ def test_empty_or_missing_folder_raises(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MSDError):
         open_feature_folder(tmp_path / "empty")
+    # LLaVA-format rows passed straight to training: the message names the step that turns them into features.
+    (tmp_path / "mix.json").write_text("[]")
+    with pytest.raises(MSDError, match="is a file.*prepare-data --data"):
+        open_feature_folder(tmp_path / "mix.json")
 
 
 def test_several_folders_train_as_one_source(tmp_path, setup):

@@ -64,11 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msd {arguments.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"msd {arguments.command}: interrupted", file=sys.stderr)
+        print(f"msd {arguments.command}: interrupted{RESUME_HINTS.get(arguments.command, '')}", file=sys.stderr)
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+#: what to do after an interruption, for the commands that can continue where they stopped
+RESUME_HINTS = {
+    "prepare-data": ". Run the same command again to continue after the last committed shard.",
+    "train": ". Run the same command with --resume to continue from the last checkpoint in --output.",
+}
 
 
 def interrupt(signum, frame) -> None:

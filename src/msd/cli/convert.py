@@ -38,11 +38,13 @@ def run(arguments: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from msd.draft.convert import convert_checkpoint
+    from msd.targets import check_transformers_format
 
     try:
         target_config = AutoConfig.from_pretrained(arguments.target)
     except (OSError, ValueError) as error:
         raise MSDError(f"cannot load a model config from {arguments.target}: {error}") from None
+    check_transformers_format(target_config, arguments.target)
     convert_checkpoint(
         arguments.checkpoint, arguments.output, target_config, decouple_visual=not arguments.no_decouple_visual
     )

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from msd.cli.options import DTYPES
+from msd.errors import MSDError
 
 DESCRIPTION = """\
 Run the target over instruction data with teacher forcing and store, per sample, the token ids, the target's
@@ -174,4 +175,9 @@ def run(arguments: argparse.Namespace) -> int:
             from msd.data.storage import update_card
 
             update_card(settings.output)
+    if summary.skipped and not summary.stored:
+        raise MSDError(
+            f"no sample was stored: every row of {part.name} was skipped ({skipped}; the warnings above name the "
+            "first rows of each reason). Fix the cause, then write to a new --output."
+        )
     return 0

@@ -168,7 +168,10 @@ def load_images(conversation: Conversation, image_root: Path | None) -> list[Ima
             continue
         path = Path(image_root, item) if image_root is not None else Path(item)
         if not path.is_file():
-            raise RowError(SkipReason.MISSING_IMAGE, f"image file not found: {path}")
+            hint = "" if image_root is not None or path.is_absolute() else (
+                " (read from the current folder: pass --image-root with the folder the data's image paths start from)"
+            )
+            raise RowError(SkipReason.MISSING_IMAGE, f"image file not found: {path}{hint}")
         try:
             images.append(load_image(path))
         except MSDError as error:

@@ -34,12 +34,20 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from msd.data.rows import Part
 from msd.data.storage import CARD_NAME, MANIFEST_SUFFIX, read_part_states
 from msd.errors import MSDError
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("input_ids", "hidden_states", "visual_embeds", "visual_mask", "loss_mask")
+
+
+def missing_parts(states: dict) -> list[str]:
+    """Names of the parts that no run has started, out of the part counts in the started parts' names."""
+    counts = {int(name.rsplit("-of-", 1)[1]) for name in states}
+    expected = {Part(index, count).name for count in counts for index in range(count)}
+    return sorted(expected - set(states))
 
 
 class FeatureDataset(Dataset):
@@ -60,11 +68,13 @@ class FeatureDataset(Dataset):
             with open(manifest, encoding="utf-8") as handle:
                 self.entries += [json.loads(line) for line in handle if line.strip()]
         self.lengths = [entry["length"] for entry in self.entries]
-        unfinished = [name for name, state in read_part_states(self.folder).items() if not state.finished]
+        states = read_part_states(self.folder)
+        unfinished = [name for name, state in states.items() if not state.finished]
+        unfinished += [f"{name} (not started)" for name in missing_parts(states)]
         if unfinished:
             logger.warning(
-                "%s: %s not finished, so only the samples stored so far are read. Run msd prepare-data again with the "
-                "same options to finish.", self.folder, ", ".join(unfinished),
+                "%s: parts not finished: %s. Only the samples stored so far are read. Run msd prepare-data again with "
+                "the same options (and each missing --shard) to finish.", self.folder, ", ".join(unfinished),
             )
         self._handles: dict[str, object] = {}  # shard file -> open safetensors handle
 

@@ -77,7 +77,13 @@ class PartWriter:
                 logger.info("discarding uncommitted shard %s", path.name)
                 path.unlink()
         self._cut_manifest(state.stored)
-        if state.stored or state.skipped:
+        if state.finished:
+            logger.warning(
+                "%s was finished by an earlier run (%d samples stored, %d rows skipped), so nothing is redone. To "
+                "process skipped rows again, for example after fixing --image-root, write to a new --output.",
+                self.part_name, state.stored, sum(state.skipped.values()),
+            )
+        elif state.stored or state.skipped:
             logger.info("resuming %s at row %d (%d samples stored)", self.part_name, state.next_row, state.stored)
         return state
 

@@ -68,6 +68,11 @@ def convert_checkpoint(
     Missing weights, unknown weights and shapes that do not fit the target raise MSDError.
     """
     source = Path(source)
+    if not source.is_dir():
+        raise MSDError(
+            f"checkpoint folder not found: {source}. msd convert reads a local folder: download the research "
+            "checkpoint first (for example with huggingface_hub's `hf download REPO --local-dir DIR`) and pass DIR."
+        )
     config_path = source / "config.json"
     if not config_path.is_file():
         raise MSDError(f"no config.json in {source}. Pass the folder of a research-format MSD checkpoint.")

@@ -65,14 +65,19 @@ class MSDModel(lmms):
         lookup_tokens: int | str = TreeParams.lookup_tokens,
         measure_speedup: bool | str = True,
         batch_size: int | str = 1,
+        max_batch_size: int | str | None = None,  # lmms-eval's option, unused: msd decodes one request at a time
         seed: int = 0,
-        **unused,
+        **unknown,
     ):
         super().__init__()
+        if unknown:
+            raise MSDError(
+                f"unknown model args: {', '.join(sorted(unknown))}. llava_msd and qwen2_vl_msd take pretrained, "
+                "draft, device, dtype, total_tokens, depth, tree_top_k, lookup_tokens, measure_speedup, batch_size "
+                "and seed."
+            )
         if int(batch_size) != 1:
             raise MSDError(f"msd decodes one request at a time; got batch_size={batch_size}. Use --batch_size 1.")
-        if unused:
-            logger.warning("ignoring unknown model args: %s", ", ".join(sorted(unused)))
         self.target = load_target(pretrained, dtype=dtype, device=device)
         if self.target.config.model_type not in self.model_types:
             raise MSDError(
@@ -130,14 +135,15 @@ class MSDModel(lmms):
         seconds = sum(stats.total_time for stats in self.stats)
         accepted = [length for stats in self.stats for length in stats.accepted_lengths]
         tau = 1 + sum(accepted) / len(accepted) if accepted else float("nan")
-        logger.info("msd: %d requests, %d tokens, %.1f tokens/s, tau %.2f", len(self.stats), tokens, tokens / seconds, tau)
+        # loguru formats with str.format, not %-style arguments.
+        logger.info(f"msd: {len(self.stats)} requests, {tokens} tokens, {tokens / seconds:.1f} tokens/s, tau {tau:.2f}")
         if self.plain_stats:
             ratios = [plain.total_time / own.total_time for plain, own in zip(self.plain_stats, self.stats)]
             total_ratio = sum(stats.total_time for stats in self.plain_stats) / seconds
             logger.info(
-                "msd: end-to-end speedup over plain decoding %.2fx (mean of per-request ratios), %.2fx (ratio of "
-                "totals); %d of %d greedy outputs differ from plain decoding",
-                statistics.fmean(ratios), total_ratio, self.different, len(ratios),
+                f"msd: end-to-end speedup over plain decoding {statistics.fmean(ratios):.2f}x (mean of per-request "
+                f"ratios), {total_ratio:.2f}x (ratio of totals); {self.different} of {len(ratios)} greedy outputs "
+                "differ from plain decoding"
             )
 
     def loglikelihood(self, requests):

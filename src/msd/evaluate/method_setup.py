@@ -64,7 +64,9 @@ def check_draft_kind(name: str, draft: DraftModel) -> None:
         flag = "--eagle-draft" if expected else "--draft"
         raise MSDError(
             f"the {name} method needs a draft with decouple_visual={expected}, but this draft has "
-            f"decouple_visual={draft.config.decouple_visual}. Pass it with {flag} instead."
+            f"decouple_visual={draft.config.decouple_visual}. Pass it with {flag} instead"
+            + ("." if expected else ", or convert the ablation's research checkpoint with msd convert "
+               "--no-decouple-visual.")
         )
 
 

@@ -29,8 +29,25 @@ __all__ = [
     "TargetAdapter",
     "TargetState",
     "adapter_for",
+    "check_transformers_format",
     "load_target",
 ]
+
+
+#: config keys of the original LLaVA repository's checkpoints, which transformers' LLaVA classes do not read
+ORIGINAL_LLAVA_KEYS = ("mm_vision_tower", "mm_projector_type")
+
+
+def check_transformers_format(config, path) -> None:
+    """Raise MSDError for a checkpoint in the original LLaVA repository's format. transformers would load its config
+    as a LLaVA config filled with default sizes, and the errors that follow would name those sizes."""
+    architectures = getattr(config, "architectures", None) or []
+    if any(hasattr(config, key) for key in ORIGINAL_LLAVA_KEYS) or "LlavaLlamaForCausalLM" in architectures:
+        raise MSDError(
+            f"{path} is in the original LLaVA repository's format (LlavaLlamaForCausalLM, mm_vision_tower), which "
+            "transformers' LLaVA classes do not read. Pass its transformers conversion instead, for example "
+            "llava-hf/llava-1.5-7b-hf for liuhaotian/llava-v1.5-7b."
+        )
 
 
 def adapter_for(model, processor=None) -> TargetAdapter:
@@ -73,6 +90,7 @@ def load_target(
             f"cannot load a model config from {path!s}: {error} Check that the folder contains the model's config.json "
             "as saved by save_pretrained, or pass a Hugging Face model id."
         ) from None
+    check_transformers_format(config, path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise MSDError(
             f"unsupported target model family {config.model_type!r} in {path!s}. "

@@ -45,6 +45,11 @@ def open_feature_folder(folder: str | Path):
     from msd.data.dataset import FeatureDataset
 
     folder = Path(folder)
+    if folder.is_file():
+        raise MSDError(
+            f"{folder} is a file, but training reads the feature folders `msd prepare-data` writes. Run msd "
+            f"prepare-data --data {folder} --output FOLDER first and pass FOLDER."
+        )
     if not folder.is_dir():
         raise MSDError(f"feature folder not found: {folder}. Write it with `msd prepare-data` first.")
     dataset = FeatureDataset(folder)

@@ -100,6 +100,7 @@ class DraftTrainer:
             config.curriculum.resolve(config.epochs), *sizes, draws_per_step=self.draws_per_step, seed=config.seed
         )
         self.total_steps = self._count_steps()
+        self._check_multimodal_reached()
 
         self.draft = self._build_draft(target, draft)
         # (V, H): held-out agreement of a reduced-vocabulary draft is counted over the target's whole vocabulary.
@@ -167,6 +168,25 @@ class DraftTrainer:
             steps += self.curriculum.epoch_steps(epoch, steps)
         return min(steps, self.config.max_steps) if self.config.max_steps else steps
 
+    def _check_multimodal_reached(self) -> None:
+        """Warn when multimodal data is given but the run ends inside the text-only stage."""
+        if MULTIMODAL not in self.sources:
+            return
+        last_epoch, first_step = 0, 0
+        for epoch in range(self.config.epochs):
+            if first_step >= self.total_steps:
+                break
+            last_epoch = epoch
+            first_step += self.curriculum.epoch_steps(epoch, first_step)
+        if self.curriculum.multimodal_probability(last_epoch, self.total_steps - 1) == 0:
+            curriculum = self.curriculum.config
+            logger.warning(
+                "the run ends (epoch %d, step %d) before the curriculum draws any multimodal sample (text only for "
+                "%d %s, then a ramp of %d), so --vision-data is not used. Lower the curriculum's text_only and ramp, "
+                "or raise --epochs or --max-steps.",
+                last_epoch + 1, self.total_steps, curriculum.text_only, curriculum.unit, curriculum.ramp,
+            )
+
     def _prepare_deepspeed(self) -> None:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
@@ -183,6 +203,13 @@ class DraftTrainer:
         call after that global step as an interruption would (the schedule is unchanged): a later resume starts from
         the last checkpoint the save schedule wrote.
         """
+        if not resume and list_checkpoints(self.output_dir):
+            # A fresh run's early checkpoints would rotate out the earlier run's later ones.
+            last = list_checkpoints(self.output_dir)[-1]
+            raise MSDError(
+                f"{self.output_dir} already contains the checkpoints of a run (up to {last.name}). Pass --resume to "
+                "continue it, or choose another --output."
+            )
         progress = self._resume(resume) if resume else _Progress(0, CurriculumPosition())
         self.accelerator.init_trackers("msd_train")
         bar = tqdm(
@@ -362,7 +389,7 @@ class DraftTrainer:
         )
 
     def _order(self) -> dict:
-        """What decides the sample order besides the seed and batch geometry: source sizes and the curriculum."""
+        """Return what decides the sample order besides the seed and batch geometry: source sizes, curriculum."""
         sizes = {self.sources[source].name: self.sources[source].size for source in sorted(self.sources)}
         return {"train_samples": sizes, "curriculum": asdict(self.curriculum.config)}
 
