@@ -174,6 +174,19 @@ def test_changed_settings_rejected(llava_target, image_root, tmp_path):
         prepare_features(llava_target, ROWS[1:2], PrepareSettings(output=tmp_path / "out", kind="text", max_length=99))
 
 
+def test_research_kind_names(llava_target, tmp_path, caplog):
+    # A research kind name resumes a run started with the plain kind it stands for. A name made for another target
+    # family warns.
+    settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="text")
+    prepare_features(llava_target, ROWS[1:2], settings)
+    with caplog.at_level("WARNING"):
+        assert prepare_features(llava_target, ROWS[1:2], replace(settings, kind="llava_v15_t")).stored == 1
+    assert "research pipeline's features" not in caplog.text
+    with caplog.at_level("WARNING"):
+        prepare_features(llava_target, ROWS[1:2], replace(settings, output=tmp_path / "qwen", kind="qwen2_vl_t"))
+    assert "features of a qwen2_vl or qwen2_5_vl target, but this target is a llava model" in caplog.text
+
+
 def test_rejects_bad_settings(llava_target, tmp_path):
     with pytest.raises(MSDError, match="kind"):
         prepare_features(llava_target, ROWS, PrepareSettings(max_length=1000, output=tmp_path / "a", kind="images"))

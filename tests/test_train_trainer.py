@@ -270,6 +270,12 @@ def test_kind_and_target_mismatch_raise(tmp_path, setup):
     other.text_config.hidden_size = 32  # stands for a target of another size
     with pytest.raises(MSDError, match="hidden_size"):
         DraftTrainer(config(), other, text, None, tmp_path)
+    # Features stored with another image token are another target's too.
+    copied = FeatureDataset(text.folder)
+    copied.card = json.loads(json.dumps(copied.card))
+    copied.card["settings"]["image_token_id"] += 1
+    with pytest.raises(MSDError, match="image_token_id"):
+        DraftTrainer(config(), target, copied, None, tmp_path)
 
 
 def test_empty_or_missing_folder_raises(tmp_path):

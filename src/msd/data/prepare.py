@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 KINDS = ("text", "vision")
 #: names of the research pipeline's feature sets -> dataset kind
 KIND_ALIASES = {"llava_v15_t": "text", "llava_v15_v": "vision", "qwen2_vl_t": "text", "qwen2_vl_v": "vision"}
+#: research kind name -> the target model types it was made for
+ALIAS_FAMILIES = {
+    "llava_v15_t": ("llava",), "llava_v15_v": ("llava",),
+    "qwen2_vl_t": ("qwen2_vl", "qwen2_5_vl"), "qwen2_vl_v": ("qwen2_vl", "qwen2_5_vl"),
+}
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: rows tokenised before the run to project its disk size
 SIZE_PROBE_ROWS = 16
@@ -157,6 +162,13 @@ class FeaturePreparer:
         self.target = target
         self.settings = settings
         self.kind = resolve_kind(settings.kind)
+        families = ALIAS_FAMILIES.get(settings.kind, (target.config.model_type,))
+        if target.config.model_type not in families:
+            logger.warning(
+                "--kind %s names the research pipeline's features of a %s target, but this target is a %s model. "
+                "The features are this target's; check that --target is the model you mean.",
+                settings.kind, " or ".join(families), target.config.model_type,
+            )
         self.dtype = STORE_DTYPES[settings.store_dtype]
         self.encoder = ConversationEncoder(target.processor, target.image_token_id, settings.max_length)
         self.regenerator = None

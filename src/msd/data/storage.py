@@ -32,6 +32,8 @@ CARD_NAME = "dataset_card.json"
 MANIFEST_SUFFIX = ".manifest.jsonl"
 STATE_SUFFIX = ".state.json"
 FORMAT_VERSION = 1
+#: card settings that only name another one (a research kind name for its kind) and may differ on a resume
+NAMING_SETTINGS = {"kind_name"}
 
 
 @dataclass
@@ -141,7 +143,8 @@ def check_card(folder: Path, settings: dict) -> None:
     path = folder / CARD_NAME
     if path.exists():
         existing = json.loads(path.read_text()).get("settings", {})
-        changed = sorted(name for name in set(existing) | set(settings) if existing.get(name) != settings.get(name))
+        names = (set(existing) | set(settings)) - NAMING_SETTINGS
+        changed = sorted(name for name in names if existing.get(name) != settings.get(name))
         if changed:
             details = "; ".join(f"{name}: {existing.get(name)!r} -> {settings.get(name)!r}" for name in changed)
             raise MSDError(

@@ -108,6 +108,8 @@ def check_features_fit(dataset, target, label: str, kind: str) -> None:
         "target_model_type": target.config.model_type,
         "hidden_size": target.hidden_size,
         "vocab_size": target.vocab_size,
+        "position_rows": target.position_rows,
+        "image_token_id": target.image_token_id,
     }
     problems = [
         f"{name} {settings.get(name)!r} (target: {value!r})"
