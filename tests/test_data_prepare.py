@@ -275,8 +275,8 @@ def test_resume_with_other_regenerate_batch_size_raises(llava_target, tmp_path):
 
 
 def test_resumed_regenerate_batches_alike(llava_target, tmp_path, monkeypatch):
-    # A run stopped during its second batch of regenerated answers resumes at that batch's first row, so every row
-    # gets its answer in the same batch as in an uninterrupted run (shards of 3 rows, batches of 4).
+    # A run stopped during its second regenerate batch resumes at that batch's first row, so every row is
+    # regenerated in the same batch as in an uninterrupted run (shards of 3 rows, batches of 4).
     rows = [chat(f"Count to {number}.", "placeholder", row_id=f"row{number}") for number in range(8)]
     batches = []
     original = AnswerRegenerator.regenerate
