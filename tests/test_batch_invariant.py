@@ -412,6 +412,10 @@ def test_tree_tuning_charges_grafted_cycles(bf16_llava, monkeypatch, caplog):
         assert candidate["tokens_per_second"] == pytest.approx(candidate["tau"] / cycle)
     shares = [candidate["graft_share"] for candidate in choice.candidates]
     assert 0 < max(shares) < 1  # random models repeat themselves, but not from the first cycle
+    # A limit below every default size leaves the limit itself to try.
+    monkeypatch.setattr(bf16_llava.target, "max_tree_tokens", 4)
+    choice = tune_tree(bf16_llava.target, draft, inputs, base, depths=[2], pilot_tokens=4)
+    assert choice.params.total_tokens == 4
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_every_row_skipped_fails(workspace, tmp_path, capsys, monkeypatch, caplo
     with caplog.at_level("WARNING"):
         assert main(options + ["--limit", "3"]) == 2
     assert "pass --image-root" in caplog.text
-    assert "no sample was stored: every row of part-00000-of-00001 was skipped" in capsys.readouterr().err
+    assert "no sample was stored: every row was skipped" in capsys.readouterr().err
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert main(options + ["--limit", "3"]) == 2
@@ -194,8 +194,8 @@ def test_resume_after_sigkill(workspace, reference, tmp_path):
 
 
 def test_resume_discards_half_written_shard(workspace, reference, tmp_path, monkeypatch, capsys):
-    # An interruption while a shard is written leaves a temporary file that the rerun discards. The message tells
-    # how to continue.
+    # An interruption while a shard is written leaves a temporary file that the rerun discards. The message names
+    # the next step.
     import msd.data.storage as storage
 
     output = tmp_path / "interrupted"

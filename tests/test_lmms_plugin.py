@@ -96,8 +96,8 @@ def test_plugin_rejects_wrong_family_batch_and_unknown_args(saved_models):
     # A misspelt model arg stops the run instead of leaving the default tree in place.
     with pytest.raises(MSDError, match="unknown model args: total_token"):
         LlavaMSD(pretrained=str(saved_models / "target"), total_token="10")
-    # lmms-eval passes its own max_batch_size when set.
-    assert LlavaMSD(pretrained=str(saved_models / "target"), max_batch_size="4").draft is None
+    # lmms-eval passes its own max_batch_size when set, and args of lmms-eval's llava model are ignored.
+    assert LlavaMSD(pretrained=str(saved_models / "target"), max_batch_size="4", conv_template="vicuna_v1").draft is None
 
 
 def test_gen_kwargs_mapping():

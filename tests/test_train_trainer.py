@@ -5,10 +5,12 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from msd.cli import main
@@ -19,7 +21,7 @@ from msd.errors import MSDError
 from msd.evaluate.method_setup import check_draft_kind
 from msd.train import CurriculumConfig, DraftTrainer, TrainConfig
 from msd.train.trainer import _Progress
-from msd.train.checkpoint import list_checkpoints
+from msd.train.checkpoint import find_resume_checkpoint, list_checkpoints
 from msd.train.curriculum import CurriculumPosition
 from msd.train.loss import LossConfig
 from msd.targets import adapter_for
@@ -104,6 +106,37 @@ def test_fresh_run_beside_checkpoints_raises(tmp_path, setup):
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000002"]
 
 
+def test_more_epochs_on_resume(tmp_path, setup):
+    # A finished run trains on for more epochs when its curriculum stages are explicit. With stages derived from
+    # --epochs, the finished epochs would get other lengths, and the resume stops with an error.
+    target, text, vision = setup
+    DraftTrainer(config(), target, text, vision, tmp_path / "explicit").train()
+    longer = DraftTrainer(config(epochs=5), target, text, vision, tmp_path / "explicit")
+    longer.train(resume=True)
+    state = json.loads((list_checkpoints(tmp_path / "explicit")[-1] / "trainer_state.json").read_text())
+    assert state["step"] == longer.total_steps
+    assert state["position"]["epoch"] == 5
+
+    derived = CurriculumConfig()  # epochs 2: one text epoch of 2 steps, then one multimodal epoch of 1 step
+    DraftTrainer(config(epochs=2, curriculum=derived), target, text, vision, tmp_path / "derived").train()
+    with pytest.raises(MSDError, match="finished epochs would have taken 4 steps, not 3"):
+        DraftTrainer(config(epochs=4, curriculum=derived), target, text, vision, tmp_path / "derived").train(
+            resume=True
+        )
+
+
+def test_resume_with_other_process_count_raises(tmp_path, setup):
+    # The same samples per step from another number of processes would restore another process's RNG states.
+    target, text, vision = setup
+    DraftTrainer(config(), target, text, vision, tmp_path).train(stop_at_step=2)
+    state_file = list_checkpoints(tmp_path)[-1] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["processes"] = 2
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(MSDError, match="processes 2"):
+        DraftTrainer(config(), target, text, vision, tmp_path).train(resume=True)
+
+
 def test_resume_before_later_checkpoints_raises(tmp_path, setup):
     # Resuming an older checkpoint beside later ones would mix two runs, and rotation would delete the new one.
     target, text, vision = setup
@@ -143,6 +176,18 @@ def test_run_inside_text_stage_warns(tmp_path, setup, caplog):
     assert "--vision-data is not used" in caplog.text
 
 
+def test_skipped_optimizer_steps_keep_schedule(tmp_path, setup, monkeypatch):
+    # float16's loss scaler skips optimizer steps with inf gradients, and the learning-rate schedule waits for them.
+    target, text, vision = setup
+    trainer = DraftTrainer(config(), target, text, vision, tmp_path / "run")
+    trainer.train(stop_at_step=2)
+    assert trainer.scheduler.last_epoch == 2
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    skipping = DraftTrainer(config(), target, text, vision, tmp_path / "skipped")
+    skipping.train(stop_at_step=2)
+    assert skipping.scheduler.last_epoch == 0
+
+
 def test_long_warmup_warns(tmp_path, setup, caplog):
     # A warm-up as long as the run never reaches the peak learning rate.
     target, text, vision = setup
@@ -175,6 +220,20 @@ def test_checkpoint_of_same_step_replaced(tmp_path, setup):
     trainer._save(_Progress(step=1, position=CurriculumPosition(step_in_epoch=1)))
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000001"]
     assert not (list_checkpoints(tmp_path)[0] / "marker").exists()
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
+
+
+def test_interrupted_replacement_recovered(tmp_path, setup):
+    # A kill between the two renames of a same-step save leaves the old checkpoint under its .replaced name and the
+    # complete new one under its .partial name. --resume finds the new one under the step's name.
+    target, text, vision = setup
+    DraftTrainer(config(save_every=1), target, text, vision, tmp_path).train(stop_at_step=1)
+    final = list_checkpoints(tmp_path)[0]
+    shutil.copytree(final, tmp_path / f".{final.name}.partial")
+    (tmp_path / f".{final.name}.partial" / "marker").write_text("new")
+    final.rename(tmp_path / f".{final.name}.replaced")
+    assert find_resume_checkpoint(True, tmp_path) == final
+    assert (final / "marker").read_text() == "new"
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
 
 
@@ -275,6 +334,10 @@ def test_kind_and_target_mismatch_raise(tmp_path, setup):
     copied.card = json.loads(json.dumps(copied.card))
     copied.card["settings"]["image_token_id"] += 1
     with pytest.raises(MSDError, match="image_token_id"):
+        DraftTrainer(config(), target, copied, None, tmp_path)
+    copied.card["settings"]["image_token_id"] -= 1
+    copied.card["settings"]["position_rows"] = 3  # Qwen2-VL's 3-D positions
+    with pytest.raises(MSDError, match="position_rows 3"):
         DraftTrainer(config(), target, copied, None, tmp_path)
 
 

@@ -97,7 +97,8 @@ def register(subparsers) -> None:
         "--shard-size",
         type=int,
         default=128,
-        help="samples per safetensors file; a killed run redoes at most this many samples per part (default 128)",
+        help="samples per safetensors file (with --regenerate up to --regenerate-batch-size - 1 more, so that a shard "
+        "ends with a batch); a killed run redoes at most one shard's samples per part (default 128)",
     )
     parser.add_argument(
         "--regenerate",
@@ -169,15 +170,17 @@ def run(arguments: argparse.Namespace) -> int:
         f"folder size {format_bytes(summary.size_bytes)} (projected before the run: {projected})",
         file=sys.stderr,
     )
+    stored = summary.stored
     if state.num_processes > 1:
         state.wait_for_everyone()
-        if state.is_main_process:
-            from msd.data.storage import update_card
+        if not state.is_main_process:
+            return 0
+        from msd.data.storage import update_card
 
-            update_card(settings.output)
-    if summary.skipped and not summary.stored:
+        stored = update_card(settings.output)["counts"]["samples"]  # every process's part counts
+    if summary.skipped and not stored:
         raise MSDError(
-            f"no sample was stored: every row of {part.name} was skipped ({skipped}; the warnings above name the "
-            "first rows of each reason). Fix the cause, then write to a new --output."
+            f"no sample was stored: every row was skipped ({skipped}; the warnings above name the first rows of each "
+            "reason). Fix the cause, then write to a new --output."
         )
     return 0

@@ -35,6 +35,9 @@ from msd.targets.batch_invariant import request_strict_mkl
 request_strict_mkl()
 
 DEFAULT_MAX_NEW_TOKENS = 128
+#: model args of lmms-eval's own llava and qwen2_vl models, ignored here with a warning: msd takes the chat template
+#: and the attention from the checkpoint
+IGNORED_MODEL_ARGS = {"conv_template", "model_name", "device_map", "attn_implementation", "use_flash_attention_2"}
 TRUE_WORDS = ("1", "true", "yes")
 
 
@@ -70,11 +73,15 @@ class MSDModel(lmms):
         **unknown,
     ):
         super().__init__()
+        ignored = sorted(set(unknown) & IGNORED_MODEL_ARGS)
+        if ignored:
+            logger.warning(f"ignoring model args of other LLaVA and Qwen2-VL plugins: {', '.join(ignored)}")
+        unknown = sorted(set(unknown) - IGNORED_MODEL_ARGS)
         if unknown:
             raise MSDError(
-                f"unknown model args: {', '.join(sorted(unknown))}. llava_msd and qwen2_vl_msd take pretrained, "
-                "draft, device, dtype, total_tokens, depth, tree_top_k, lookup_tokens, measure_speedup, batch_size "
-                "and seed."
+                f"unknown model args: {', '.join(unknown)}. llava_msd and qwen2_vl_msd take pretrained, draft, "
+                "device, dtype, total_tokens, depth, tree_top_k, lookup_tokens, measure_speedup, batch_size, seed "
+                "and lmms-eval's max_batch_size."
             )
         if int(batch_size) != 1:
             raise MSDError(f"msd decodes one request at a time; got batch_size={batch_size}. Use --batch_size 1.")
@@ -158,7 +165,8 @@ class LlavaMSD(MSDModel):
 
 
 class Qwen2VLMSD(MSDModel):
-    # NOTE: not run end to end in msd's tests: Qwen2-VL's processor needs torchvision, which the test setup lacks.
+    # NOTE: tests/test_qwen2_vl_saved.py runs it end to end where torchvision is installed (Qwen2-VL's processor
+    # needs it); the CPU test setup lacks torchvision and skips that file.
     model_types = ("qwen2_vl", "qwen2_5_vl")
 
 

@@ -124,7 +124,7 @@ def tune_tree(
     """Pick total_tokens and depth for this machine (see the module docstring); top_k is kept from `base`."""
     limit = target.max_tree_tokens
     if sizes is None:
-        sizes = DEFAULT_SIZES if limit is None else [size for size in CAPPED_SIZES if size <= limit]
+        sizes = DEFAULT_SIZES if limit is None else [size for size in CAPPED_SIZES if size <= limit] or [limit]
     sizes = sorted(set(sizes))
     depths = sorted(set(depths))
     if limit is not None and max(sizes) > limit:

@@ -60,6 +60,7 @@ def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_sta
     final = output_dir / checkpoint_name(step)
     partial = output_dir / f".{final.name}.partial"
     if accelerator.is_main_process:
+        recover_replacement(output_dir)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -86,6 +87,23 @@ def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_sta
     return final
 
 
+def recover_replacement(output_dir: Path) -> None:
+    """Finish a same-step replacement that a kill cut between its two renames (see `save_checkpoint`): the new
+    checkpoint, complete under its `.partial` name, takes the step's name, or else the old one gets it back."""
+    for replaced in Path(output_dir).glob(".checkpoint-*.replaced"):
+        name = replaced.name[1 : -len(".replaced")]
+        final, partial = replaced.with_name(name), replaced.with_name(f".{name}.partial")
+        if final.exists():
+            continue
+        source = partial if (partial / STATE_NAME).is_file() else replaced
+        try:  # another process of the same launch may have finished it first
+            os.replace(source, final)
+        except FileNotFoundError:
+            continue
+        logger.warning("recovered %s from an interrupted save", final.name)
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
 def share_like(folder: Path, reference: Path) -> None:
     """Give every file under `folder` the permissions of `reference`, a file msd created with the user's umask.
 
@@ -101,6 +119,7 @@ def share_like(folder: Path, reference: Path) -> None:
 def find_resume_checkpoint(resume: str | Path | bool, output_dir: Path) -> Path:
     """Find the checkpoint to resume from: an explicit folder, or the newest one in `output_dir` when `resume` is True."""
     if resume is True:
+        recover_replacement(output_dir)
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
             raise MSDError(f"no checkpoint to resume from in {output_dir}. Start without --resume.")

@@ -395,15 +395,14 @@ class DraftTrainer:
 
     def _resume(self, resume: str | Path | bool) -> _Progress:
         checkpoint = find_resume_checkpoint(resume, self.output_dir)
-        step = checkpoint_step(checkpoint)
-        newer = [path.name for path in list_checkpoints(self.output_dir) if checkpoint_step(path) > step]
+        state = read_trainer_state(checkpoint)
+        newer = [path.name for path in list_checkpoints(self.output_dir) if checkpoint_step(path) > state["step"]]
         if newer:
             raise MSDError(
                 f"cannot resume from {checkpoint}: {self.output_dir} already contains later checkpoints of a run that "
                 f"went on from it ({', '.join(newer)}), and the resumed run would mix with them. Resume from the "
                 "newest (--resume without a folder), move the later ones away, or pass another --output."
             )
-        state = read_trainer_state(checkpoint)
         geometry = (("draws_per_step", self.draws_per_step), ("processes", self.accelerator.num_processes),
                     ("seed", self.config.seed))
         for name, current in geometry:
@@ -422,6 +421,18 @@ class DraftTrainer:
                 "resume from a checkpoint at the end of an epoch, or start a new run."
             )
         if reordered:
+            # The schedule's step count (and the learning-rate schedule built from it) assumes the finished epochs
+            # had the lengths the current options give them.
+            done = 0
+            for epoch in range(position.epoch):
+                done += self.curriculum.epoch_steps(epoch, done)
+            if done != state["step"]:
+                raise MSDError(
+                    f"cannot resume from {checkpoint}: with the changed options ({'; '.join(reordered)}) its "
+                    f"{position.epoch} finished epochs would have taken {done} steps, not {state['step']}, so the "
+                    "schedule would not fit the run. To train longer, set the curriculum's text_only and ramp "
+                    "explicitly (unset, they follow --epochs), or start a new run."
+                )
             logger.warning("resuming at the start of epoch %d with another sample order: %s", position.epoch + 1,
                            "; ".join(reordered))
         saved = DraftConfig.load(checkpoint / "draft")
