@@ -44,7 +44,7 @@ FIELDS = ("input_ids", "hidden_states", "visual_embeds", "visual_mask", "loss_ma
 
 
 def missing_parts(states: dict) -> list[str]:
-    """Names of the parts that no run has started, out of the part counts in the started parts' names."""
+    """Return the names of the parts that no run has started, out of the part counts in the started parts' names."""
     counts = {int(name.rsplit("-of-", 1)[1]) for name in states}
     expected = {Part(index, count).name for count in counts for index in range(count)}
     return sorted(expected - set(states))
