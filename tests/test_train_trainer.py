@@ -125,6 +125,25 @@ def test_more_epochs_on_resume(tmp_path, setup):
         )
 
 
+def test_resume_inside_epoch_with_unchanged_plan(tmp_path, setup):
+    # Inside an epoch, options may change when the rest of the epoch draws the same samples: more epochs during the
+    # text-only stage. A change of the current epoch's multimodal share stops the resume.
+    target, text, vision = setup
+    derived = CurriculumConfig()  # 4 epochs: text only for 2; 6 epochs: text only for 3
+    DraftTrainer(config(curriculum=derived, save_every=1), target, text, vision, tmp_path / "text").train(
+        stop_at_step=1
+    )
+    longer = DraftTrainer(config(epochs=6, curriculum=derived, save_every=1), target, text, vision, tmp_path / "text")
+    assert longer.train(resume=True).name == "draft"
+
+    single = dict(micro_batch_size=1, gradient_accumulation=1, save_every=1)  # epoch 1: 8 steps, epoch 2: 6 steps
+    ramp = CurriculumConfig(text_only=1, ramp=2, ramp_start=0.5, ramp_end=0.5)
+    DraftTrainer(config(curriculum=ramp, **single), target, text, vision, tmp_path / "ramp").train(stop_at_step=10)
+    steeper = CurriculumConfig(text_only=1, ramp=2, ramp_start=0.9, ramp_end=0.9)
+    with pytest.raises(MSDError, match="rest of its epoch would come in another order"):
+        DraftTrainer(config(curriculum=steeper, **single), target, text, vision, tmp_path / "ramp").train(resume=True)
+
+
 def test_resume_with_other_process_count_raises(tmp_path, setup):
     # The same samples per step from another number of processes would restore another process's RNG states.
     target, text, vision = setup

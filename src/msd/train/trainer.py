@@ -33,7 +33,7 @@ from msd.train.checkpoint import (
     save_checkpoint,
 )
 from msd.train.config import TrainConfig
-from msd.train.curriculum import MULTIMODAL, TEXT, Curriculum, CurriculumPosition
+from msd.train.curriculum import MULTIMODAL, TEXT, Curriculum, CurriculumConfig, CurriculumPosition
 from msd.train.data import FeatureSource, check_features_fit, default_collate, split_source
 from msd.train.loss import build_slots, compute_loss
 from msd.train.metrics import MetricWindow, tensorboard_available, write_metrics
@@ -414,27 +414,8 @@ class DraftTrainer:
                 )
         position = CurriculumPosition(**state["position"])
         reordered = changed_options(state["order"], self._order()) if "order" in state else []
-        if reordered and position.step_in_epoch:
-            raise MSDError(
-                f"cannot resume from {checkpoint}: the rest of its epoch would come in another order "
-                f"({'; '.join(reordered)}). Resume with the same data folders, eval_samples, epochs and curriculum, "
-                "resume from a checkpoint at the end of an epoch, or start a new run."
-            )
         if reordered:
-            # The schedule's step count (and the learning-rate schedule built from it) assumes the finished epochs
-            # had the lengths the current options give them.
-            done = 0
-            for epoch in range(position.epoch):
-                done += self.curriculum.epoch_steps(epoch, done)
-            if done != state["step"]:
-                raise MSDError(
-                    f"cannot resume from {checkpoint}: with the changed options ({'; '.join(reordered)}) its "
-                    f"{position.epoch} finished epochs would have taken {done} steps, not {state['step']}, so the "
-                    "schedule would not fit the run. To train longer, set the curriculum's text_only and ramp "
-                    "explicitly (unset, they follow --epochs), or start a new run."
-                )
-            logger.warning("resuming at the start of epoch %d with another sample order: %s", position.epoch + 1,
-                           "; ".join(reordered))
+            self._check_reordered_resume(checkpoint, state, position, reordered)
         saved = DraftConfig.load(checkpoint / "draft")
         for name in ("num_layers", "draft_vocab_size", "decouple_visual", "input_layernorm"):
             if getattr(saved, name) != getattr(self.draft.config, name):
@@ -449,6 +430,44 @@ class DraftTrainer:
         self.accelerator.load_state(str(checkpoint / "state"))
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], position.epoch + 1)
         return _Progress(step=state["step"], position=position)
+
+    def _check_reordered_resume(self, checkpoint: Path, state: dict, position: CurriculumPosition, reordered) -> None:
+        """Raise MSDError unless a resume whose options change the sample order stays consistent.
+
+        The finished epochs must keep their lengths, because the schedule's step count and learning rate assume
+        them. Inside an epoch, the rest of that epoch's plan must stay unchanged.
+        """
+        changes = "; ".join(reordered)
+        epoch_start = state["step"] - position.step_in_epoch
+        done = 0
+        for epoch in range(position.epoch):
+            done += self.curriculum.epoch_steps(epoch, done)
+        if done != epoch_start:
+            raise MSDError(
+                f"cannot resume from {checkpoint}: with the changed options ({changes}) its {position.epoch} finished "
+                f"epochs would have taken {done} steps, not {epoch_start}, so the schedule would not fit the run. To "
+                "train longer, set the curriculum's text_only and ramp explicitly (unset, they follow --epochs), or "
+                "start a new run."
+            )
+        if position.step_in_epoch:
+            saved = state["order"]
+            if saved["train_samples"] != self._order()["train_samples"]:
+                same_plan = False  # the plan's indices would point at other samples
+            else:
+                config = CurriculumConfig(**saved["curriculum"])
+                before = Curriculum(config, *self.curriculum.sizes, self.draws_per_step, self.config.seed)
+                old_plan = before.plan(position.epoch, epoch_start, position)
+                new_plan = self.curriculum.plan(position.epoch, epoch_start, position)
+                same_plan = np.array_equal(old_plan.sources, new_plan.sources) and np.array_equal(
+                    old_plan.indices, new_plan.indices
+                )
+            if not same_plan:
+                raise MSDError(
+                    f"cannot resume from {checkpoint}: the rest of its epoch would come in another order ({changes}). "
+                    "Resume with the same data folders, eval_samples, epochs and curriculum, resume from a checkpoint "
+                    "at the end of an epoch, or start a new run."
+                )
+        logger.warning("resuming in epoch %d with changed order options: %s", position.epoch + 1, changes)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         length = self.config.max_length
