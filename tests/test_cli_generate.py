@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from msd.cli import build_parser, main
-from msd.cli.options import tree_argument, tree_from
+from msd.cli.options import check_exact_trees, tree_argument, tree_from
 from msd.decoding import TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.targets import adapter_for
+from msd.targets.batch_invariant import ROWS
 from tiny_models import build_llava, random_image
 
 
@@ -232,6 +233,15 @@ def test_tree_argument_parses_and_rejects():
     assert tree_argument("3,1,4") == TreeParams(depth=3, top_k=1, total_tokens=4)
     with pytest.raises(argparse.ArgumentTypeError, match="depth,top_k,total_tokens"):
         tree_argument("2,1")
+
+
+def test_exact_tree_check(capsys):
+    # The benchmark scripts stop on a bfloat16 tree larger than the batch-invariant kernels verify exactly.
+    parser = argparse.ArgumentParser(prog="measure.py")
+    check_exact_trees(parser, [TreeParams(3, 4, ROWS)], "--trees")
+    with pytest.raises(SystemExit):
+        check_exact_trees(parser, [TreeParams(3, 4, 10), TreeParams(3, 4, ROWS + 4)], "--trees")
+    assert f"--trees: bfloat16 trees may hold at most {ROWS} tokens, got [{ROWS + 4}]" in capsys.readouterr().err
 
 
 def test_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from msd.cli.options import tree_argument
+from msd.cli.options import check_exact_trees, tree_argument
 from msd.data.rows import JsonlRows
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
@@ -80,13 +80,6 @@ def print_table(results: list[dict]) -> None:
         )
 
 
-def check_bf16_trees(parser: argparse.ArgumentParser, trees: list[TreeParams], flag: str) -> None:
-    """Stop with a usage error when a bfloat16 tree exceeds what the batch-invariant kernels verify exactly."""
-    too_large = [tree.total_tokens for tree in trees if tree.total_tokens > batch_invariant.ROWS]
-    if too_large and batch_invariant.supported():
-        parser.error(f"{flag}: bfloat16 trees may hold at most {batch_invariant.ROWS} tokens, got {too_large}")
-
-
 def main() -> None:
     request_strict_mkl()  # this script may multiply in float32 before it loads a bfloat16 target
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -107,8 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.image and not args.held_out:
         parser.error("pass at least one --image or --held-out")
-    if args.dtype == "bfloat16":
-        check_bf16_trees(parser, args.trees, "--trees")
+    if args.dtype == "bfloat16" and batch_invariant.supported():  # elsewhere bfloat16 runs PyTorch's kernels
+        check_exact_trees(parser, args.trees, "--trees")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     target = load_target(args.target, dtype=args.dtype, device="cpu")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from msd.cli.options import tree_argument
+from msd.cli.options import check_exact_trees, tree_argument
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftModel
 from msd.images import load_image
@@ -147,9 +147,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--output", type=Path, required=True, help="Markdown file to write (JSON next to it)")
     args = parser.parse_args()
-    too_large = [tree.total_tokens for tree in args.bf16_trees if tree.total_tokens > batch_invariant.ROWS]
-    if too_large:
-        parser.error(f"--bf16-trees may hold at most {batch_invariant.ROWS} tokens, got {too_large}")
+    check_exact_trees(parser, args.bf16_trees, "--bf16-trees")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     runs = {"float32": args.trees}

@@ -189,6 +189,15 @@ def tree_argument(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def check_exact_trees(parser: argparse.ArgumentParser, trees, flag: str) -> None:
+    """Stop with a usage error when a tree is larger than msd's batch-invariant bfloat16 kernels verify exactly."""
+    from msd.targets.batch_invariant import ROWS
+
+    too_large = [tree.total_tokens for tree in trees if tree.total_tokens > ROWS]
+    if too_large:
+        parser.error(f"{flag}: bfloat16 trees may hold at most {ROWS} tokens, got {too_large}")
+
+
 def fit_default_tree(tree, target, arguments: argparse.Namespace):
     """Lower the default tree size so that it and the lookup's tokens fit the largest tree `target` verifies exactly,
     unless --total-tokens was given."""
