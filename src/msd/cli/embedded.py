@@ -32,7 +32,8 @@ def register(subparsers) -> None:
         "--output",
         type=Path,
         metavar="DIR",
-        help="model folder to write (default: $MSD_CACHE_DIR/default-target, else ~/.cache/msd/default-target)",
+        help="model folder to write (default: $MSD_CACHE_DIR/default-target, else $XDG_CACHE_HOME/msd/default-target, "
+        "else ~/.cache/msd/default-target)",
     )
     build.add_argument("--image-size", type=int, default=None, help="image side in pixels, a multiple of 14 (default 112)")
     build.add_argument(
