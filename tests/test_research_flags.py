@@ -66,3 +66,10 @@ def test_research_command_runs_local_task(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"draft={tmp_path / 'draft'}" in result.stdout + result.stderr
     assert "msd_local_vqa" in result.stdout
+
+    # lmms-eval only logs an evaluation that raised (here a misspelt model arg); the exit status reports it.
+    command[command.index("--model_args") + 1] += ",total_token=6"
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert failed.returncode == 1
+    assert "unknown model args: total_token" in failed.stderr
+    assert "msd-lmms-eval: error: 1 evaluation(s) failed" in failed.stderr

@@ -8,6 +8,9 @@ This entry point takes the same command line (with `-m msd.evaluate.research_fla
 `-m lmms_eval`), turns `--msd_model_path D` into the model argument `draft=D`, drops `--use_msd` and hands the rest
 to lmms-eval unchanged. Without `--use_msd` the draft is dropped too, so the same command measures plain decoding,
 as the research flag did.
+
+lmms-eval logs an error that stops an evaluation (a wrong model arg, a missing draft) and still exits with status 0.
+This entry point exits with status 1 when that happened, so scripts and CI see the failure.
 """
 
 from __future__ import annotations
@@ -64,7 +67,34 @@ def main() -> None:
     except MSDError as error:
         sys.exit(f"msd-lmms-eval: error: {error}")
     logger.debug("running lmms-eval with %s", sys.argv[1:])
+    failures = count_failures()
     lmms_eval_main()
+    if failures:
+        sys.exit(f"msd-lmms-eval: error: {len(failures)} evaluation(s) failed; lmms-eval's log above names the cause.")
+
+
+def count_failures() -> list:
+    """Record each evaluation that raises inside lmms-eval, which logs it and carries on; returns the growing list.
+
+    lmms-eval 0.7.3 runs each evaluation through `lmms_eval.__main__.cli_evaluate_single`, so that function is wrapped.
+    NOTE: with an lmms-eval without that function nothing is recorded, and failures keep exit status 0.
+    """
+    import lmms_eval.__main__ as lmms_main
+
+    failures = []
+    evaluate = getattr(lmms_main, "cli_evaluate_single", None)
+    if evaluate is None:
+        return failures
+
+    def recording(*args, **kwargs):
+        try:
+            return evaluate(*args, **kwargs)
+        except Exception as error:
+            failures.append(error)
+            raise
+
+    lmms_main.cli_evaluate_single = recording
+    return failures
 
 
 if __name__ == "__main__":
