@@ -10,7 +10,7 @@ HIDDEN = 4
 
 
 def sample(tokens: list[int], answer_from: int) -> dict[str, torch.Tensor]:
-    """A text sample whose tokens from `answer_from` on are the assistant's; feature t is filled with t + 1."""
+    """Build a text sample whose tokens from `answer_from` on are the assistant's. Feature t is filled with t + 1."""
     count = len(tokens)
     loss_mask = torch.zeros(count, dtype=torch.bool)
     loss_mask[answer_from:] = True
@@ -33,7 +33,7 @@ def test_slot_reads_feature_before_its_token():
     assert slots.position_ids[0, 0].tolist() == [1, 2, 3, 4]
 
 
-def test_slot_counts_when_its_proposal_is_an_answer_token():
+def test_slot_counts_assistant_proposals():
     # Slot j proposes x_{j+2}, so it counts exactly when x_{j+2} is an assistant token. The last slot never counts.
     slots = build_slots(collate_features([sample([10, 11, 12, 13, 14, 15], answer_from=3)]))
     assert slots.counted[0].tolist() == [False, True, True, True, False]

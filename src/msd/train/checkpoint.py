@@ -43,12 +43,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = []
-    for path in output_dir.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and (path / STATE_NAME).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    found = [path for path in output_dir.iterdir() if checkpoint_step(path) >= 0 and (path / STATE_NAME).is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
@@ -88,8 +84,10 @@ def save_checkpoint(accelerator, draft, output_dir: Path, step: int, trainer_sta
 
 
 def recover_replacement(output_dir: Path) -> None:
-    """Finish a same-step replacement that a kill cut between its two renames (see `save_checkpoint`): the new
-    checkpoint, complete under its `.partial` name, takes the step's name, or else the old one gets it back."""
+    """Finish a same-step replacement that a kill cut between its two renames (see `save_checkpoint`).
+
+    The new checkpoint takes the step's name when it is complete under its `.partial` name, else the old one does.
+    """
     for replaced in Path(output_dir).glob(".checkpoint-*.replaced"):
         name = replaced.name[1 : -len(".replaced")]
         final, partial = replaced.with_name(name), replaced.with_name(f".{name}.partial")

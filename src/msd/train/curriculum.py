@@ -128,6 +128,13 @@ class Curriculum:
         draws = (1.0 - p) * self.sizes[TEXT] + p * self.sizes[MULTIMODAL]
         return max(int(round(draws)) // self.draws_per_step, 1)
 
+    def epoch_starts(self, epochs: int) -> list[int]:
+        """Return the global optimizer step at which each of epochs 0 .. `epochs` begins (`epochs` + 1 values)."""
+        starts = [0]
+        for epoch in range(epochs):
+            starts.append(starts[-1] + self.epoch_steps(epoch, starts[-1]))
+        return starts
+
     def plan(self, epoch: int, first_step: int, position: CurriculumPosition) -> EpochPlan:
         """List the samples of `epoch`. `position` gives the stream positions at the epoch's start."""
         steps = self.epoch_steps(epoch, first_step)

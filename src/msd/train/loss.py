@@ -145,8 +145,8 @@ def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
 def add_uniform_noise(features: torch.Tensor, width: float, generator: torch.Generator | None) -> torch.Tensor:
     """Add noise drawn uniformly from [-width / 2, width / 2] (EAGLE's feature augmentation), in float32.
 
-    Stored 16-bit features stay float32 after the noise: in bfloat16 a noise of 0.1 would round away on every entry
-    of magnitude 32 or more.
+    The noisy features stay float32, because in bfloat16 a noise of at most 0.1 would round away on every entry of
+    magnitude 32 or more (the spacing there is 0.25).
     """
     if width == 0:
         return features

@@ -157,27 +157,21 @@ class DraftTrainer:
                 f"checkpoint on --resume), which has {draft.config.draft_vocab_size}. Leave draft_vocab_size unset "
                 "(null in a config file) to keep it."
             )
-        # float32 master weights next to a 16-bit target (mixed_precision runs the forward in 16-bit), converted
-        # directly: a draft to start from keeps its saved precision rather than the target's dtype.
+        # A 16-bit target gets float32 master weights (mixed_precision runs the forward in 16-bit). Converting in
+        # attach keeps a loaded draft's saved precision, where a detour through the target's dtype would round it.
         draft.attach(target, dtype=torch.float32 if target.dtype in (torch.float16, torch.bfloat16) else None)
         return draft.train()
 
     def _count_steps(self) -> int:
-        steps = 0
-        for epoch in range(self.config.epochs):
-            steps += self.curriculum.epoch_steps(epoch, steps)
+        steps = self.curriculum.epoch_starts(self.config.epochs)[-1]
         return min(steps, self.config.max_steps) if self.config.max_steps else steps
 
     def _check_multimodal_reached(self) -> None:
         """Warn when multimodal data is given but the run ends inside the text-only stage."""
         if MULTIMODAL not in self.sources:
             return
-        last_epoch, first_step = 0, 0
-        for epoch in range(self.config.epochs):
-            if first_step >= self.total_steps:
-                break
-            last_epoch = epoch
-            first_step += self.curriculum.epoch_steps(epoch, first_step)
+        starts = self.curriculum.epoch_starts(self.config.epochs)
+        last_epoch = max(epoch for epoch in range(self.config.epochs) if starts[epoch] < self.total_steps)
         if self.curriculum.multimodal_probability(last_epoch, self.total_steps - 1) == 0:
             curriculum = self.curriculum.config
             logger.warning(
@@ -203,12 +197,11 @@ class DraftTrainer:
         call after that global step as an interruption would (the schedule is unchanged): a later resume starts from
         the last checkpoint the save schedule wrote.
         """
-        if not resume and list_checkpoints(self.output_dir):
-            # A fresh run's early checkpoints would rotate out the earlier run's later ones.
-            last = list_checkpoints(self.output_dir)[-1]
+        earlier = [] if resume else list_checkpoints(self.output_dir)
+        if earlier:  # a fresh run's early checkpoints would rotate out the earlier run's later ones
             raise MSDError(
-                f"{self.output_dir} already contains the checkpoints of a run (up to {last.name}). Pass --resume to "
-                "continue it, or choose another --output."
+                f"{self.output_dir} already contains the checkpoints of a run (up to {earlier[-1].name}). Pass "
+                "--resume to continue it, or choose another --output."
             )
         progress = self._resume(resume) if resume else _Progress(0, CurriculumPosition())
         self.accelerator.init_trackers("msd_train")
@@ -432,16 +425,13 @@ class DraftTrainer:
         return _Progress(step=state["step"], position=position)
 
     def _check_reordered_resume(self, checkpoint: Path, state: dict, position: CurriculumPosition, reordered) -> None:
-        """Raise MSDError unless a resume whose options change the sample order stays consistent.
+        """Raise MSDError unless the finished epochs keep their lengths and the interrupted epoch keeps its plan.
 
-        The finished epochs must keep their lengths, because the schedule's step count and learning rate assume
-        them. Inside an epoch, the rest of that epoch's plan must stay unchanged.
+        The schedule's step count and learning rate assume the finished epochs' lengths.
         """
         changes = "; ".join(reordered)
         epoch_start = state["step"] - position.step_in_epoch
-        done = 0
-        for epoch in range(position.epoch):
-            done += self.curriculum.epoch_steps(epoch, done)
+        done = self.curriculum.epoch_starts(position.epoch)[-1]
         if done != epoch_start:
             raise MSDError(
                 f"cannot resume from {checkpoint}: with the changed options ({changes}) its {position.epoch} finished "
