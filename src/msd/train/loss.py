@@ -20,7 +20,9 @@ a miss.
 Loss mask. head(h_{j+1}) is the target's distribution for token x_{j+2}, and at inference slot j's output proposes
 that token. Slot j therefore counts when x_{j+2} is an assistant token (`loss_mask[j+2]`) and x_{j+1}, x_{j+2} are
 not padding. The last slot (j = T-2) never counts, because its x_{j+2} lies beyond the sequence. Both losses are
-means over the counted slots of the batch.
+means over counted slots. In training the mean runs over all counted slots of an optimizer step (every micro-batch
+and process, `count_step_slots`), so each slot weighs the same whatever micro-batch it falls in. Without such totals
+`compute_loss` takes the mean over the batch it is given.
 
 Unrolled steps (`unroll_steps` n > 1, the training-time test of EAGLE-3). At inference only the first draft step reads
 a target feature; draft step s reads the draft's own output of step s - 1. Training step s therefore runs the draft
@@ -31,7 +33,8 @@ again with slot j reading
 and attending, as the drafter's cache does, to the first step's slots up to its anchor a = j - s + 1 (computed from
 target features) and to its own chain: step t's slot a + t - 1 for t = 2 .. s. Its output is trained towards
 h_{j+1} as before. Slot j of step s counts when slot j and the anchor slot a both count, so the whole drafted chain
-lies in an assistant turn. The loss is the mean over steps, and agreement is reported per step.
+lies in an assistant turn. The loss is the mean over the steps that have counted slots, and agreement is reported per
+step.
 """
 
 from __future__ import annotations
@@ -95,9 +98,14 @@ class DraftSlots:
 
 @dataclass
 class LossOutput:
-    """The weighted loss (differentiable) and detached parts for logging; agreements and slots are the first step's."""
+    """The weighted loss (differentiable) and detached parts for logging; agreements and slots are the first step's.
+
+    `loss` is normalised by the slot totals given to `compute_loss`, so in training it is this micro-batch's share of
+    the step's loss. `mean_loss`, `feature_loss` and `token_loss` are means over this batch's own counted slots.
+    """
 
     loss: torch.Tensor
+    mean_loss: torch.Tensor
     feature_loss: torch.Tensor
     token_loss: torch.Tensor
     agreements: int  # counted slots where the draft's top-1 token equals the target's
@@ -161,6 +169,7 @@ def compute_loss(
     config: LossConfig,
     generator: torch.Generator | None = None,
     target_head: torch.Tensor | None = None,
+    slot_totals: tuple[float, ...] | None = None,
 ) -> LossOutput:
     """Run the draft over `slots` for `config.unroll_steps` steps and return the weighted feature and token losses.
 
@@ -168,27 +177,50 @@ def compute_loss(
     draft: the attached, unwrapped DraftModel whose frozen head scores both feature sets; generator: source of the
     feature noise, or None for no noise (evaluation). target_head: the target's full (V, H) LM head. A reduced draft
     vocabulary needs it to count agreement over the target's whole vocabulary, and without it agreement is counted
-    within the draft vocabulary.
+    within the draft vocabulary. slot_totals: per unrolled step, the number of counted slots that each step's loss
+    sum is divided by (the trainer passes the optimizer step's totals, see `count_step_slots`). None divides by this
+    batch's own counts, which makes the loss a mean over the batch.
     """
     features = slots.features
     if generator is not None:
         features = add_uniform_noise(features, config.noise_width, generator)
     steps = run_steps(draft_forward, slots, features, config.unroll_steps)
     parts = [step_loss(draft, output, slots.target_features, counted, target_head) for output, counted in steps]
-    if parts[0] is None:  # no counted slot in the batch, so none in a later step either
-        zero = steps[0][0].sum() * 0.0  # keeps every parameter in the graph, as DDP requires
-        none = (0,) * len(steps)
-        return LossOutput(zero, zero.detach(), zero.detach(), 0, 0, step_agreements=none, step_slots=none)
-
-    counted_parts = [part for part in parts if part is not None]
-    feature_loss = torch.stack([part[0] for part in counted_parts]).mean()
-    token_loss = torch.stack([part[1] for part in counted_parts]).mean()
-    loss = config.feature_weight * feature_loss + config.token_weight * token_loss
+    if slot_totals is None:
+        slot_totals = tuple(part[3] if part else 0 for part in parts)
+    if len(slot_totals) != len(parts):
+        raise ValueError(f"slot_totals needs one count per unrolled step ({len(parts)}), got {len(slot_totals)}")
     step_agreements = tuple(part[2] if part else 0 for part in parts)
     step_slots = tuple(part[3] if part else 0 for part in parts)
+    if parts[0] is None:  # no counted slot in the batch, so none in a later step either
+        zero = steps[0][0].sum() * 0.0  # keeps every parameter in the graph, as DDP requires
+        return LossOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0, 0, step_agreements, step_slots)
+
+    weighted_steps = sum(1 for total in slot_totals if total > 0)  # steps with counted slots anywhere in the step
+    loss = steps[0][0].sum() * 0.0
+    for part, total in zip(parts, slot_totals):
+        if part is not None:
+            feature_sum, token_sum = part[0], part[1]
+            loss = loss + (config.feature_weight * feature_sum + config.token_weight * token_sum) / total
+    loss = loss / weighted_steps
+
+    counted_parts = [part for part in parts if part is not None]
+    feature_loss = torch.stack([part[0] / part[3] for part in counted_parts]).mean().detach()
+    token_loss = torch.stack([part[1] / part[3] for part in counted_parts]).mean().detach()
+    mean_loss = config.feature_weight * feature_loss + config.token_weight * token_loss
     return LossOutput(
-        loss, feature_loss.detach(), token_loss.detach(), step_agreements[0], step_slots[0], step_agreements, step_slots
+        loss, mean_loss, feature_loss, token_loss, step_agreements[0], step_slots[0], step_agreements, step_slots
     )
+
+
+def count_step_slots(slots: DraftSlots, steps: int) -> tuple[int, ...]:
+    """Count the counted slots of each unrolled draft step 1 .. `steps`, as `run_steps` masks them."""
+    return tuple(int(step_counted(slots.counted, step).sum()) for step in range(1, steps + 1))
+
+
+def step_counted(counted: torch.Tensor, step: int) -> torch.Tensor:
+    """Mask (B, S) of the slots counted at draft step `step`: the slot and its chain's anchor both count."""
+    return counted if step == 1 else counted & shift_right(counted, step - 1)
 
 
 def run_steps(draft_forward, slots: DraftSlots, features: torch.Tensor, steps: int):
@@ -200,11 +232,8 @@ def run_steps(draft_forward, slots: DraftSlots, features: torch.Tensor, steps: i
     cache = DynamicCache() if steps > 1 else None
     results = []
     for step in range(1, steps + 1):
-        if step == 1:
-            attention, counted = slots.attention_mask, slots.counted
-        else:
-            attention = unrolled_attention(slots.attention_mask, step)
-            counted = slots.counted & shift_right(slots.counted, step - 1)
+        attention = slots.attention_mask if step == 1 else unrolled_attention(slots.attention_mask, step)
+        if step > 1:
             features = shift_right(results[-1][0], 1)  # slot j reads the previous step's output at slot j - 1
         output = draft_forward(
             slots.token_ids,
@@ -215,23 +244,23 @@ def run_steps(draft_forward, slots: DraftSlots, features: torch.Tensor, steps: i
             visual_embeds=slots.visual_embeds,
             visual_mask=slots.visual_mask,
         )  # (B, S, H)
-        results.append((output, counted))
+        results.append((output, step_counted(slots.counted, step)))
     return results
 
 
 def step_loss(draft, output, target_features, counted, target_head):
-    """Feature loss, token loss, agreements and slot count of one draft step over its counted slots, or None."""
+    """Sums of the feature and token losses, agreements and slot count of one draft step's counted slots, or None."""
     predicted = output[counted].float()  # (N, H) counted slots only: the head's logits are large
     expected = target_features[counted].float()  # (N, H)
     if predicted.shape[0] == 0:
         return None
-    feature_loss = F.smooth_l1_loss(predicted, expected, reduction="none").mean(dim=-1).mean()
+    feature_sum = F.smooth_l1_loss(predicted, expected, reduction="none").mean(dim=-1).sum()
     with torch.no_grad():
         target_probs = torch.softmax(draft.compute_logits(expected).float(), dim=-1)  # (N, V_draft)
     draft_logits = draft.compute_logits(predicted).float()  # (N, V_draft)
-    token_loss = -(target_probs * torch.log_softmax(draft_logits, dim=-1)).sum(dim=-1).mean()
+    token_sum = -(target_probs * torch.log_softmax(draft_logits, dim=-1)).sum()
     agreements = count_agreements(draft, draft_logits, target_probs, expected, target_head)
-    return feature_loss, token_loss, agreements, predicted.shape[0]
+    return feature_sum, token_sum, agreements, predicted.shape[0]
 
 
 def shift_right(values: torch.Tensor, by: int) -> torch.Tensor:

@@ -16,14 +16,17 @@ def tensorboard_available() -> bool:
 
 
 class MetricWindow:
-    """Loss parts and top-1 agreement summed over the optimizer steps since the last report."""
+    """Loss parts and top-1 agreement summed over the optimizer steps since the last report.
+
+    Each micro-batch's mean losses are weighted by its counted slots (of the first draft step), so the reported losses
+    are means over slots, as the training objective is.
+    """
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.sums = {"loss": 0.0, "feature_loss": 0.0, "token_loss": 0.0}
-        self.micro_batches = 0
+        self.sums = {"loss": 0.0, "feature_loss": 0.0, "token_loss": 0.0}  # slot-weighted
         self.agreements = 0
         self.slots = 0
         self.samples = 0
@@ -31,30 +34,29 @@ class MetricWindow:
 
     def add(self, output, samples: int) -> None:
         """Add one micro-batch's LossOutput and its sample count."""
-        self.sums["loss"] += float(output.loss.detach())
-        self.sums["feature_loss"] += float(output.feature_loss)
-        self.sums["token_loss"] += float(output.token_loss)
-        self.micro_batches += 1
+        self.sums["loss"] += float(output.mean_loss) * output.slots
+        self.sums["feature_loss"] += float(output.feature_loss) * output.slots
+        self.sums["token_loss"] += float(output.token_loss) * output.slots
         self.agreements += output.agreements
         self.slots += output.slots
         self.samples += samples
 
     def report(self, accelerator) -> dict[str, float]:
-        """Means over the window and all processes, and samples per second over all processes."""
+        """Means over the window's counted slots on all processes, and samples per second over all processes."""
         totals = torch.tensor(
-            [*self.sums.values(), self.micro_batches, self.agreements, self.slots, self.samples],
+            [*self.sums.values(), self.agreements, self.slots, self.samples],
             dtype=torch.float64,
             device=accelerator.device,
         )
         totals = accelerator.reduce(totals, reduction="sum").tolist()
-        loss, feature_loss, token_loss, micro_batches, agreements, slots, samples = totals
+        loss, feature_loss, token_loss, agreements, slots, samples = totals
         elapsed = time.perf_counter() - self.started
-        micro_batches = max(micro_batches, 1)
+        nan = float("nan")
         metrics = {
-            "train/loss": loss / micro_batches,
-            "train/feature_loss": feature_loss / micro_batches,
-            "train/token_loss": token_loss / micro_batches,
-            "train/top1": agreements / slots if slots else float("nan"),
+            "train/loss": loss / slots if slots else nan,
+            "train/feature_loss": feature_loss / slots if slots else nan,
+            "train/token_loss": token_loss / slots if slots else nan,
+            "train/top1": agreements / slots if slots else nan,
             "train/samples_per_second": samples / elapsed if elapsed > 0 else float("nan"),
         }
         self.reset()

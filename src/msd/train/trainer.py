@@ -35,7 +35,7 @@ from msd.train.checkpoint import (
 from msd.train.config import TrainConfig
 from msd.train.curriculum import MULTIMODAL, TEXT, Curriculum, CurriculumConfig, CurriculumPosition
 from msd.train.data import FeatureSource, check_features_fit, default_collate, split_source
-from msd.train.loss import build_slots, compute_loss
+from msd.train.loss import DraftSlots, build_slots, compute_loss, count_step_slots
 from msd.train.metrics import MetricWindow, tensorboard_available, write_metrics
 from msd.train.vocab import draft_vocab_from_datasets
 
@@ -217,8 +217,8 @@ class DraftTrainer:
         while progress.position.epoch < self.config.epochs and progress.step < self.total_steps and not stopped:
             stopped = self._run_epoch(progress, window, bar, stop_at_step)
         bar.close()
-        self.accelerator.end_training()
         if stopped:
+            self.accelerator.end_training()
             return self.output_dir
         final = self.output_dir / FINAL_DRAFT
         if self.accelerator.is_main_process:
@@ -226,6 +226,7 @@ class DraftTrainer:
             self.draft.save_pretrained(final, dtype=save_dtype)
             logger.info("training finished after %d steps; draft saved to %s", progress.step, final)
         self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()  # last: it also ends the process group of a distributed run
         return final
 
     def _run_epoch(self, progress: _Progress, window: MetricWindow, bar, stop_at_step: int | None) -> bool:
@@ -253,12 +254,13 @@ class DraftTrainer:
             collate_fn=self.collate,
             num_workers=self.config.num_workers,
         )
-        micro = 0
+        micro_batches = []
         for keys, batch in zip(batches, loader):
-            self._train_micro_batch(batch, keys, progress.step, window)
-            micro += 1
-            if micro % self.config.gradient_accumulation:
+            micro_batches.append((keys, build_slots(self._to_device(batch))))
+            if len(micro_batches) < self.config.gradient_accumulation:
                 continue
+            self._train_step(micro_batches, progress.step, window)
+            micro_batches = []
             self._optimizer_step()
             progress.step += 1
             position.step_in_epoch += 1
@@ -290,13 +292,32 @@ class DraftTrainer:
                 batches.append(keys)
         return batches
 
-    def _train_micro_batch(self, batch, keys, step: int, window: MetricWindow) -> None:
-        slots = build_slots(self._to_device(batch))
+    def _train_step(self, micro_batches: list, step: int, window: MetricWindow) -> None:
+        """Accumulate the gradients of one optimizer step's (keys, DraftSlots) micro-batches of this process."""
+        totals = self._step_slot_totals([slots for _, slots in micro_batches])
+        for keys, slots in micro_batches:
+            self._train_micro_batch(slots, keys, step, totals, window)
+
+    def _step_slot_totals(self, micro_batches: list[DraftSlots]) -> tuple[float, ...]:
+        """Per unrolled step, the counted slots of the whole optimizer step divided by micro-batches x processes.
+
+        `accelerator.backward` divides each micro-batch's loss by the accumulation count, and DDP (or DeepSpeed)
+        averages gradients over processes. Dividing each micro-batch's loss sum by this share of the total therefore
+        gives the gradient of the mean over every counted slot of the step.
+        """
+        steps = self.config.loss.unroll_steps
+        local = [count_step_slots(slots, steps) for slots in micro_batches]
+        counts = torch.tensor([sum(column) for column in zip(*local)], dtype=torch.float64, device=self.accelerator.device)
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        shares = self.config.gradient_accumulation * self.accelerator.num_processes
+        return tuple(float(count) / shares for count in counts.tolist())
+
+    def _train_micro_batch(self, slots: DraftSlots, keys, step: int, totals, window: MetricWindow) -> None:
         generator = torch.Generator(device=self.accelerator.device)
         generator.manual_seed(_noise_seed(self.config.seed, self.accelerator.process_index, step, keys))
         try:
             with self.accelerator.accumulate(self.model), self.accelerator.autocast():
-                output = compute_loss(self.model, self.draft, slots, self.config.loss, generator)
+                output = compute_loss(self.model, self.draft, slots, self.config.loss, generator, slot_totals=totals)
                 if not torch.isfinite(output.loss):
                     raise MSDError(
                         f"the training loss became {float(output.loss.detach())} at step {step + 1} on samples "
@@ -354,7 +375,7 @@ class DraftTrainer:
                 with self.accelerator.autocast():
                     output = compute_loss(self.draft, self.draft, slots, self.config.loss, None, self.target_head)
                 counts = [count for pair in zip(output.step_agreements, output.step_slots) for count in pair]
-                totals += torch.tensor([float(output.loss) * output.slots, *counts], dtype=torch.float64,
+                totals += torch.tensor([float(output.mean_loss) * output.slots, *counts], dtype=torch.float64,
                                        device=totals.device)
             loss, *counts = self.accelerator.reduce(totals, reduction="sum").tolist()
             for step in range(1, steps + 1):
