@@ -299,6 +299,24 @@ def test_settings_limits_and_guards():
         run_bench([], [], BenchSettings(), lambda sample: {})
 
 
+def test_transformers_method_ignores_eos(llava, samples):
+    # Under the research convention every method generates max_new_tokens, even where the target chooses its
+    # end-of-sequence token. The first greedy token is made the EOS token here, so `generate` would stop at once.
+    inputs = processor_inputs(llava.processor)(samples[0])
+    first = SpeculativeGenerator(llava, None).generate(inputs, max_new_tokens=1, eos_token_ids=[]).token_ids[0]
+    saved = (llava.model.generation_config.eos_token_id, llava.model.generation_config.pad_token_id)
+    llava.model.generation_config.eos_token_id, llava.model.generation_config.pad_token_id = first, None
+    try:
+        method = build_methods(llava, ["generate"], TreeParams(), drafts={})[-1]
+        stopped = method.run(inputs, GenerationLimits(MAX_NEW_TOKENS, ()))
+        forced = method.run(inputs, GenerationLimits(MAX_NEW_TOKENS, (), ignore_eos=True))
+    finally:
+        llava.model.generation_config.eos_token_id, llava.model.generation_config.pad_token_id = saved
+    assert stopped.token_ids == [first]
+    assert len(forced.token_ids) == MAX_NEW_TOKENS
+    assert forced.token_ids[0] == first
+
+
 def test_draft_kind_checked(llava):
     eagle = DraftModel(DraftConfig.for_target(llava, decouple_visual=False))
     with pytest.raises(MSDError, match="--eagle-draft"):

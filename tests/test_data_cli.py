@@ -131,6 +131,23 @@ def test_accelerate_process_takes_its_part(workspace, tmp_path, monkeypatch):
     assert [path.name for path in output.glob("*.state.json")] == ["part-00002-of-00004.state.json"]
 
 
+def test_two_processes_write_both_parts(workspace, tmp_path):
+    # Two real processes (torchrun, a gloo process group) each store their part, and the main process's summary counts both.
+    output = tmp_path / "out"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "msd"]
+    environment = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    result = subprocess.run(launcher + arguments(workspace, output), capture_output=True, text=True, env=environment,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for part in (0, 1):
+        manifest = (output / f"part-0000{part}-of-00002.manifest.jsonl").read_text()
+        rows[part] = [json.loads(line)["row"] for line in manifest.splitlines()]
+    assert rows[0] == [0, 2, 4, 6]  # row 3 has no image, so the vision kind skips it
+    assert rows[1] == [1, 5]
+    assert json.loads((output / "dataset_card.json").read_text())["counts"]["samples"] == 6
+
+
 def test_bad_option_exits_with_message(workspace, tmp_path, capsys):
     assert main(arguments(workspace, tmp_path / "out") + ["--shard", "3/2"]) == 2
     assert "invalid shard 3/2" in capsys.readouterr().err

@@ -130,12 +130,15 @@ def register(subparsers) -> None:
 
 def run(arguments: argparse.Namespace) -> int:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from msd.data.prepare import PrepareSettings, format_bytes, prepare_features
     from msd.data.rows import Part, open_rows
     from msd.targets import load_target
 
-    state = PartialState()
+    # Accelerator reads ACCELERATE_USE_CPU itself, PartialState does not: without it, torchrun's processes on a machine
+    # without GPUs would each take the whole data instead of a part.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     part = Part.parse(arguments.shard) if arguments.shard else Part()
     if state.num_processes > 1:
         part = part.split(state.process_index, state.num_processes)

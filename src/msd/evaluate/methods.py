@@ -117,7 +117,12 @@ class TransformersMethod(Method):
         config.max_new_tokens = limits.max_new_tokens
         config.min_new_tokens = None
         if limits.ignore_eos:
-            config.eos_token_id = None
+            # None would be refilled from the model's generation config (transformers 5.25), and an empty list leaves
+            # no end-of-sequence token. transformers then still requires a pad token, which no finished sequence
+            # ever emits here.
+            if config.pad_token_id is None:
+                config.pad_token_id = next(iter(self.target.eos_token_ids), 0)
+            config.eos_token_id = []
         options = {}
         for key, value in self.generate_options.items():  # generation settings go in the config, models as arguments
             if hasattr(config, key):
