@@ -96,6 +96,22 @@ def test_run_then_rerun_is_noop(workspace, tmp_path, capsys):
     assert second[1].keys() == first[1].keys()
 
 
+def test_changed_options_fail_before_loading(workspace, tmp_path, capsys, monkeypatch):
+    # A rerun into a folder prepared with other options stops before the target loads (minutes for a 7B model).
+    import msd.targets
+
+    output = tmp_path / "out"
+    assert main(arguments(workspace, output) + ["--limit", "2"]) == 0
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the target was loaded")
+
+    monkeypatch.setattr(msd.targets, "load_target", no_loading)
+    capsys.readouterr()
+    assert main(arguments(workspace, output) + ["--limit", "2", "--regenerate"]) == 2
+    assert "other settings (regenerate: False -> True" in capsys.readouterr().err
+
+
 def test_every_row_skipped_fails(workspace, tmp_path, capsys, monkeypatch, caplog):
     # Image paths read from the current folder find no image: the run names the option to pass and exits with an
     # error. The rerun, whose part is finished, warns that it redoes nothing.
@@ -118,6 +134,9 @@ def test_accelerate_process_takes_its_part(workspace, tmp_path, monkeypatch):
 
     class SecondOfTwoProcesses:
         num_processes, process_index, is_main_process, device = 2, 1, False, "cpu"
+
+        def __init__(self, cpu: bool = False):
+            pass
 
         def wait_for_everyone(self):
             pass

@@ -134,6 +134,7 @@ def run(arguments: argparse.Namespace) -> int:
 
     from msd.data.prepare import PrepareSettings, format_bytes, prepare_features
     from msd.data.rows import Part, open_rows
+    from msd.data.storage import compare_card
     from msd.targets import load_target
 
     # Accelerator reads ACCELERATE_USE_CPU itself, PartialState does not: without it, torchrun's processes on a machine
@@ -163,6 +164,7 @@ def run(arguments: argparse.Namespace) -> int:
         logged_skips=arguments.log_skipped,
     )
     rows = open_rows(arguments.data, arguments.split)
+    compare_card(settings.output, settings.option_settings(str(arguments.data)))  # before a large target loads
     target = load_target(arguments.target, dtype=arguments.dtype, device=device)
     summary = prepare_features(target, rows, settings, source=str(arguments.data))
 

@@ -100,15 +100,21 @@ class PrepareSettings:
     def card_settings(self, target: TargetAdapter, source: str) -> dict:
         """The settings every part and every resume must share, as stored in the dataset card."""
         return {
-            "kind": resolve_kind(self.kind),
-            "kind_name": self.kind,
-            "source": source,
+            **self.option_settings(source),
             "target_model_type": target.config.model_type,
             "hidden_size": target.hidden_size,
             "vocab_size": target.vocab_size,
             "position_rows": target.position_rows,
             "image_token_id": target.image_token_id,
             "chat_template": getattr(target.processor, "chat_template", None),
+        }
+
+    def option_settings(self, source: str) -> dict:
+        """The card settings that come from the options alone, so a resume can check them before the target loads."""
+        return {
+            "kind": resolve_kind(self.kind),
+            "kind_name": self.kind,
+            "source": source,
             "system_prompt": self.system_prompt,
             "dtype": self.store_dtype,
             "max_length": self.max_length,

@@ -142,17 +142,28 @@ def check_card(folder: Path, settings: dict) -> None:
     """Write the dataset card's settings, or check that an existing card was written with the same settings."""
     path = folder / CARD_NAME
     if path.exists():
-        existing = json.loads(path.read_text()).get("settings", {})
-        names = (set(existing) | set(settings)) - NAMING_SETTINGS
-        changed = sorted(name for name in names if existing.get(name) != settings.get(name))
-        if changed:
-            details = "; ".join(f"{name}: {existing.get(name)!r} -> {settings.get(name)!r}" for name in changed)
-            raise MSDError(
-                f"{folder} contains features prepared with other settings ({details}). "
-                "Resume with the same options, or write to a new --output folder."
-            )
+        compare_card(folder, settings, partial=False)
         return
     atomic_write_text(path, json.dumps({"format_version": FORMAT_VERSION, "settings": settings}, indent=1))
+
+
+def compare_card(folder: Path, settings: dict, partial: bool = True) -> None:
+    """Raise MSDError when the folder's existing dataset card has other values for `settings`.
+
+    partial: compare only the names in `settings` (a check before the target loads). A missing card passes.
+    """
+    path = folder / CARD_NAME
+    if not path.exists():
+        return
+    existing = json.loads(path.read_text()).get("settings", {})
+    names = (set(settings) if partial else set(existing) | set(settings)) - NAMING_SETTINGS
+    changed = sorted(name for name in names if existing.get(name) != settings.get(name))
+    if changed:
+        details = "; ".join(f"{name}: {existing.get(name)!r} -> {settings.get(name)!r}" for name in changed)
+        raise MSDError(
+            f"{folder} contains features prepared with other settings ({details}). "
+            "Resume with the same options, or write to a new --output folder."
+        )
 
 
 def read_part_states(folder: Path) -> dict[str, PartState]:
