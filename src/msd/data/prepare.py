@@ -110,7 +110,7 @@ class PrepareSettings:
         }
 
     def option_settings(self, source: str) -> dict:
-        """The card settings that come from the options alone, so a resume can check them before the target loads."""
+        """Return the card settings that come from the options alone, which a rerun checks before the target loads."""
         return {
             "kind": resolve_kind(self.kind),
             "kind_name": self.kind,
