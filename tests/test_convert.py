@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from msd.decoding import SpeculativeGenerator, TreeParams
 from msd.draft import DraftConfig, DraftModel
@@ -71,6 +71,19 @@ def test_convert_generates_identically(tmp_path, target, pickled, input_layernor
     actual = SpeculativeGenerator(target, converted, TREE).generate(inputs, max_new_tokens=12)
     assert actual.token_ids == expected.token_ids
     assert actual.stats.accepted_lengths == expected.stats.accepted_lengths
+
+
+def test_convert_keeps_float16_weights(tmp_path, target):
+    # A float16 research checkpoint stays float16 on disk rather than doubling in size, with the same values.
+    direct = random_draft(target, input_layernorm=True).to(torch.float16)
+    write_research(tmp_path / "research", direct, target, pickled=False)
+
+    convert_checkpoint(tmp_path / "research", tmp_path / "msd", target.config)
+    saved = load_file(str(tmp_path / "msd" / "model.safetensors"))
+
+    for name, tensor in direct.state_dict().items():
+        assert saved[name].dtype == torch.float16, name
+        assert torch.equal(saved[name], tensor), name
 
 
 def test_convert_missing_weight_raises(tmp_path, target):

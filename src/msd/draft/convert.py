@@ -63,7 +63,7 @@ def convert_checkpoint(
     source: str | Path, output: str | Path, target_config, decouple_visual: bool = True
 ) -> DraftModel:
     """Convert the research checkpoint in `source` for the target whose transformers config is `target_config`,
-    save it to `output` with `save_pretrained` and return the loaded draft.
+    save it to `output` with `save_pretrained` in the checkpoint's precision and return the loaded draft.
 
     Missing weights, unknown weights and shapes that do not fit the target raise MSDError.
     """
@@ -112,10 +112,11 @@ def convert_checkpoint(
     if wrong:
         raise MSDError(f"weights in {source} do not fit the target: " + "; ".join(wrong) + ".")
     draft.load_state_dict(state, strict=True)
-    draft.save_pretrained(output)
+    saved_dtype = state["fc.weight"].dtype  # research drafts are stored in one precision, often float16
+    draft.save_pretrained(output, dtype=saved_dtype)
     logger.info(
-        "converted %s to %s (%d weights, input layer norm: %s)",
-        source, output, len(state), draft_config.input_layernorm,
+        "converted %s to %s (%d weights in %s, input layer norm: %s)",
+        source, output, len(state), saved_dtype, draft_config.input_layernorm,
     )
     return draft.eval()
 
