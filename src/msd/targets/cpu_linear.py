@@ -173,8 +173,9 @@ def choose_small_batch(module: nn.Module) -> tuple[int, bool]:
     times = time_products(module)
     max_rows, pad_one_row = pick_max_rows(times), pick_pad_one_row(times)
     ratios = ", ".join(f"{count} rows: {transposed / linear:.2f}" for count, (linear, transposed) in times.items())
+    chosen = f"for inputs of at most {max_rows} rows" if max_rows else "off (F.linear at every size)"
     logger.info(
-        "CPU linear layers: W @ x.T for inputs of at most %d rows, one row padded to two: %s (time against F.linear "
-        "at %s)", max_rows, "yes" if pad_one_row else "no", ratios,
+        "CPU linear layers: W @ x.T %s, one row padded to two: %s (time against F.linear at %s)",
+        chosen, "yes" if pad_one_row else "no", ratios,
     )
     return max_rows, pad_one_row
