@@ -148,6 +148,8 @@ def test_missing_draft_fails_before_target_load(tmp_path, capsys):
     [
         (["--depth", "0"], "--depth must be at least 1"),
         (["--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["--temperature", "nan"], "--temperature must be 0 (greedy) or a positive finite number, got nan"),
+        (["--temperature", "inf"], "--temperature must be 0 (greedy) or a positive finite number, got inf"),
         (["--stop", ""], "--stop is empty"),
         (["--device", "foo"], "invalid --device 'foo'"),
         (["--lookup-tokens", "-1"], "--lookup-tokens must be 0 (off) or positive, got -1"),

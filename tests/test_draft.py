@@ -108,6 +108,15 @@ def test_draft_for_other_family_rejected(llava_family, qwen_family):
         draft.attach(qwen_family.target)
 
 
+def test_vocabulary_map_outside_target_rejected(llava_family):
+    # A damaged draft_to_target entry is named before it could index past the target's LM head.
+    target = llava_family.target
+    draft = DraftModel(DraftConfig.for_target(target, draft_vocab_size=8))
+    draft.draft_to_target[3] = target.vocab_size + 5
+    with pytest.raises(MSDError, match=f"outside the target's vocabulary of {target.vocab_size}"):
+        draft.attach(target)
+
+
 def test_draft_with_other_hidden_size_rejected(llava_family):
     config = DraftConfig.for_target(llava_family.target)
     config.text_config = dict(config.text_config, hidden_size=32, intermediate_size=64)
@@ -263,10 +272,14 @@ def eagle2_paths(family, inputs, draft, root, tree):
     return {path for _, path in sorted(candidates, reverse=True)[: tree.total_tokens - 1]}
 
 
-@pytest.mark.parametrize("tree", [TreeParams(3, 2, 6, lookup_tokens=0), TreeParams(4, 3, 9, lookup_tokens=0)])
+@pytest.mark.parametrize(
+    "tree",
+    [TreeParams(3, 2, 6, lookup_tokens=0), TreeParams(4, 3, 9, lookup_tokens=0), TreeParams(3, 30, 6, lookup_tokens=0)],
+)
 def test_drafter_tree_matches_eagle2(family, images, tree):
     # The proposed tree contains exactly the candidates EAGLE-2 selects when every score comes from drafting the path
-    # one token at a time. This checks the cumulative scores, the frontier choice and the tree attention mask.
+    # one token at a time. This checks the cumulative scores, the frontier choice and the tree attention mask. With
+    # a top-k above the tree's size the drafter expands only N - 1 nodes per step, which must select the same tree.
     inputs = family.make_inputs("Describe it", images[:1])
     draft = make_draft(family.target, seed=6)
     drafter = MSDDrafter(draft, family.target)

@@ -1,7 +1,9 @@
 """Bad input gets an MSDError that names the value and the fix."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from msd.errors import MSDError
@@ -35,6 +37,25 @@ def test_truncated_image(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(MSDError, match="corrupt image"):
         load_image(path)
+
+
+def test_oversized_image(tmp_path, monkeypatch):
+    # Pillow's decompression-bomb limit raises its own error class, which is not an OSError.
+    path = tmp_path / "big.png"
+    random_image(30, 20).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(MSDError, match="image too large"):
+        load_image(path)
+
+
+def test_16_bit_grayscale_keeps_brightness(tmp_path):
+    # 16-bit samples are scaled to 8 bits, where Pillow's RGB conversion alone clips them to 255.
+    path = tmp_path / "depth.png"
+    samples = np.random.default_rng(0).integers(0, 65536, size=(20, 30), dtype=np.uint16)
+    Image.fromarray(samples).save(path)
+    pixels = np.asarray(load_image(path), dtype=np.float64)
+    assert pixels.shape == (20, 30, 3)
+    assert abs(pixels.mean() - samples.mean() / 257) < 1.0
 
 
 def test_valid_image_loads_rgb(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from msd.decoding import SpeculativeGenerator, TreeParams
+from msd.decoding.generate import StopChecker
 from msd.draft import DraftConfig, DraftModel
 from oracle import OracleDrafter
 from conftest import Family
@@ -130,3 +131,20 @@ def test_stop_string_matches_generate(llava_family, images):
     output = generator.generate(inputs, max_new_tokens=30, stop_strings=[stop], eos_token_ids=[])
     assert output.token_ids == expected
     assert output.stats.stop_reason == "stop_string"
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer in miniature: token id t is the byte t, as byte-level BPE pieces of emoji are."""
+
+    def decode(self, token_ids, skip_special_tokens=False):
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+
+def test_stop_string_of_multibyte_characters():
+    # Five emoji take 20 tokens of one byte each. The search window must span the stop's bytes, not its characters.
+    stop = "\N{PARTY POPPER}" * 5
+    text = ("ok " + stop + " more").encode("utf-8")
+    checker = StopChecker([], [stop], ByteTokenizer(), max_new_tokens=100)
+    kept, reason = checker.accept([], list(text))
+    assert reason == "stop_string"
+    assert bytes(kept).decode("utf-8") == "ok " + stop

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from msd.errors import MSDError
 
@@ -31,11 +32,16 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decodes every pixel, so truncated data fails here and not inside the processor
+            if image.mode.startswith("I;16"):
+                # Pillow (13.0) clips 16-bit samples to 255 when converting to RGB, which turns most pictures white.
+                image = image.point(lambda value: value / 257).convert("L")
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise MSDError(
             f"unsupported or unreadable image format: {path}. Use a format Pillow reads (PNG, JPEG, WebP, BMP, ...)."
         ) from None
+    except DecompressionBombError as error:
+        raise MSDError(f"image too large: {path}: {error} Downscale the image first.") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise MSDError(f"corrupt image file {path}: {error}. Re-export or re-download the image.") from None
     finally:

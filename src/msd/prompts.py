@@ -17,8 +17,9 @@ def build_messages(prompt: str, image_count: int) -> list[dict]:
     markers = prompt.count(IMAGE_PLACEHOLDER)
     if markers and markers != image_count:
         images = "1 image was" if image_count == 1 else f"{image_count} images were"
+        placeholders = "placeholder" if markers == 1 else "placeholders"
         raise MSDError(
-            f"the prompt has {markers} {IMAGE_PLACEHOLDER} placeholders but {images} given. "
+            f"the prompt has {markers} {IMAGE_PLACEHOLDER} {placeholders} but {images} given. "
             f"Use one {IMAGE_PLACEHOLDER} per image, or none to put all images before the text."
         )
     content: list[dict] = []

@@ -62,7 +62,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="TEXT",
-        help="stop once the generated text contains TEXT; repeatable",
+        help="stop once the generated text contains TEXT; repeatable. As in transformers' generate, the output "
+        "keeps TEXT and ends with the token that completes it",
     )
 
     add_sampling_options(parser)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from msd.errors import MSDError
@@ -105,8 +106,8 @@ def add_tree_options(parser: argparse.ArgumentParser) -> None:
 def sampling_from(arguments: argparse.Namespace):
     from msd.decoding import SamplingParams
 
-    if arguments.temperature < 0:
-        raise MSDError(f"--temperature must be 0 (greedy) or positive, got {arguments.temperature}")
+    if not math.isfinite(arguments.temperature) or arguments.temperature < 0:
+        raise MSDError(f"--temperature must be 0 (greedy) or a positive finite number, got {arguments.temperature}")
     try:
         return SamplingParams(
             do_sample=arguments.temperature > 0,

@@ -100,6 +100,9 @@ class StopChecker:
         self.stop_strings = list(stop_strings)
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        # Every token decodes to at least one byte, so a new match lies in the last len(stop in UTF-8) tokens.
+        # Counting characters would miss stops whose characters take several byte-level tokens, such as emoji.
+        self.tail_tokens = max((len(stop.encode("utf-8")) for stop in self.stop_strings), default=0) + 8
 
     def accept(self, generated: list[int], new_tokens: list[int]) -> tuple[list[int], str]:
         """Append tokens one by one until a stop condition; returns the tokens kept and the stop reason or ""."""
@@ -116,7 +119,7 @@ class StopChecker:
 
     def _hits_stop_string(self, tokens: list[int]) -> bool:
         # Only the tail can hold a new match: the last token's text plus the longest stop string.
-        tail = self.tokenizer.decode(tokens[-(max(map(len, self.stop_strings)) + 8) :], skip_special_tokens=False)
+        tail = self.tokenizer.decode(tokens[-self.tail_tokens :], skip_special_tokens=False)
         return any(stop in tail for stop in self.stop_strings)
 
 

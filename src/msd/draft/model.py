@@ -93,6 +93,13 @@ class DraftModel(nn.Module):
         self.to(device=target.device, dtype=dtype or target.dtype)
         head = target.lm_head.weight.detach()
         if self.draft_to_target is not None:
+            outside = self.draft_to_target[(self.draft_to_target < 0) | (self.draft_to_target >= head.shape[0])]
+            if outside.numel():
+                raise MSDError(
+                    f"the draft's vocabulary map (draft_to_target) names target token ids outside the target's "
+                    f"vocabulary of {head.shape[0]}, for example {int(outside[0])}. The draft file is damaged or was "
+                    "edited; use a draft written by msd train or msd convert."
+                )
             head = head[self.draft_to_target.to(head.device)]  # (draft vocab, H): a small copy of the used rows
         self._shared = {"embed": target.embed_tokens.weight.detach(), "head": head}
         return self
