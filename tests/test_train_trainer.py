@@ -20,6 +20,7 @@ from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
 from msd.evaluate.method_setup import check_draft_kind
 from msd.train import CurriculumConfig, DraftTrainer, TrainConfig
+from msd.train.config import load_train_config
 from msd.train.trainer import _Progress
 from msd.train.checkpoint import find_resume_checkpoint, list_checkpoints
 from msd.train.curriculum import CurriculumPosition
@@ -457,6 +458,15 @@ def test_save_dtype_writes_half_precision(tmp_path, setup):
 
     draft = DraftModel.from_pretrained(final, dtype=torch.float64)
     assert_decodes_like_plain(target, draft, TreeParams(depth=2, top_k=2, total_tokens=4))
+
+
+def test_model_config_as_training_config_raises(tmp_path):
+    # The research pipeline's --config is the draft layer's config.json; passed to msd train --config it is named
+    # as a model config instead of being listed option by option.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 1}))
+    with pytest.raises(MSDError, match="is a model config .* start from configs/train_research.yaml"):
+        load_train_config(path)
 
 
 def test_invalid_save_dtype_raises():

@@ -123,6 +123,10 @@ class TrainConfig:
         return replace(self, **{name: value for name, value in overrides.items() if value is not None})
 
 
+#: keys of a transformers model config, none of which is a training option
+MODEL_CONFIG_KEYS = {"architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"}
+
+
 def load_train_config(path: str | Path | None) -> TrainConfig:
     """Read a JSON or YAML (.yaml / .yml, needs PyYAML) training config; None gives the research defaults."""
     if path is None:
@@ -147,6 +151,12 @@ def load_train_config(path: str | Path | None) -> TrainConfig:
             raise MSDError(f"invalid JSON in training config {path}: {error}") from None
     if not isinstance(data, dict):
         raise MSDError(f"training config {path} must hold a mapping of option names to values.")
+    if MODEL_CONFIG_KEYS & set(data) and not set(data) & {item.name for item in fields(TrainConfig)}:
+        raise MSDError(
+            f"{path} is a model config (it sets {', '.join(sorted(MODEL_CONFIG_KEYS & set(data)))}), such as the "
+            "research pipeline's draft-layer config.json. msd builds the draft from the target's config, and --config "
+            "takes training options: start from configs/train_research.yaml."
+        )
     try:
         return TrainConfig.from_dict(data)
     except MSDError as error:
