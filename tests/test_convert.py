@@ -86,6 +86,22 @@ def test_convert_keeps_float16_weights(tmp_path, target):
         assert torch.equal(saved[name], tensor), name
 
 
+def test_convert_mixed_precision_keeps_float32(tmp_path, target):
+    # float32 norms beside float16 projections are not rounded to float16: the draft is saved in float32.
+    direct = random_draft(target, input_layernorm=True).to(torch.float16)
+    for name, parameter in direct.named_parameters():
+        if "norm" in name:
+            parameter.data = parameter.data.float() + 1e-4
+    write_research(tmp_path / "research", direct, target, pickled=False)
+
+    convert_checkpoint(tmp_path / "research", tmp_path / "msd", target.config)
+    saved = load_file(str(tmp_path / "msd" / "model.safetensors"))
+
+    for name, tensor in direct.state_dict().items():
+        assert saved[name].dtype == torch.float32, name
+        assert torch.equal(saved[name], tensor.float()), name
+
+
 def test_convert_missing_weight_raises(tmp_path, target):
     write_research(tmp_path / "research", random_draft(target, True), target, False, drop="layers.0.mlp.up_proj.weight")
     with pytest.raises(MSDError, match="layers.0.mlp.up_proj.weight"):

@@ -58,6 +58,16 @@ def test_16_bit_grayscale_keeps_brightness(tmp_path):
     assert abs(pixels.mean() - samples.mean() / 257) < 1.0
 
 
+def test_16_bit_big_endian_loads(tmp_path):
+    # A big-endian 16-bit TIFF opens as I;16B, which Pillow's `point` does not take directly.
+    path = tmp_path / "depth.tif"
+    samples = np.random.default_rng(0).integers(0, 65536, size=(20, 30), dtype=np.uint16)
+    Image.fromarray(samples.astype(">u2")).save(path)
+    assert Image.open(path).mode == "I;16B"
+    pixels = np.asarray(load_image(path), dtype=np.float64)
+    assert abs(pixels.mean() - samples.mean() / 257) < 1.0
+
+
 def test_valid_image_loads_rgb(tmp_path):
     path = tmp_path / "gray.png"
     random_image(30, 20).convert("L").save(path)

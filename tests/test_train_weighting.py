@@ -33,7 +33,7 @@ def test_split_batch_matches_merged_mean(setup):
     draft = DraftModel(DraftConfig.for_target(target)).attach(target)
     config = LossConfig(unroll_steps=2)
     short, long = build_slots(collate_features([dataset[0]])), build_slots(collate_features([dataset[1]]))
-    counts = [count_step_slots(slots, 2) for slots in (short, long)]
+    counts = [count_step_slots(slots.counted, 2) for slots in (short, long)]
     assert counts[0][0] != counts[1][0]
     totals = tuple(a + b for a, b in zip(*counts))
 
@@ -77,3 +77,20 @@ def test_accumulation_matches_one_batch(setup, tmp_path):
     single = first_step_gradients(setup, tmp_path / "single", micro_batch_size=2, gradient_accumulation=1)
     for accumulated_gradient, single_gradient in zip(accumulated, single, strict=True):
         assert torch.allclose(accumulated_gradient, single_gradient, atol=1e-6)
+
+
+def test_float16_output_outside_slots_stays_finite(setup):
+    # DeepSpeed fp16 runs the draft in float16 without autocast, and a float16 sum over its whole output can
+    # overflow to inf. The loss takes only the counted slots, so it stays finite.
+    target, dataset = setup
+    torch.manual_seed(0)
+    draft = DraftModel(DraftConfig.for_target(target)).attach(target)
+    slots = build_slots(collate_features([dataset[0], dataset[1]]))
+
+    def float16_forward(*args, **kwargs):
+        return (draft(*args, **kwargs) + 400.0).half()
+
+    assert torch.isinf(float16_forward(slots.token_ids, slots.features, slots.position_ids, slots.attention_mask,
+                                       visual_embeds=slots.visual_embeds, visual_mask=slots.visual_mask).sum())
+    output = compute_loss(float16_forward, draft, slots, LossConfig(noise_width=0.0))
+    assert torch.isfinite(output.loss)

@@ -34,7 +34,9 @@ def load_image(path: str | Path) -> Image.Image:
             image.load()  # decodes every pixel, so truncated data fails here and not inside the processor
             if image.mode.startswith("I;16"):
                 # Pillow (13.0) clips 16-bit samples to 255 when converting to RGB, which turns most pictures white.
-                image = image.point(lambda value: value / 257).convert("L")
+                # Its `point` takes no big-endian I;16B (16-bit TIFF, PGM), so the samples go through mode I first.
+                # NOTE: Pillow opens some 16-bit files (PGM among them) as mode I, and those are still clipped.
+                image = image.convert("I").point(lambda value: value / 257).convert("L")
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise MSDError(

@@ -32,7 +32,9 @@ OVERRIDES = {
         int,
         "optimizer steps between held-out evaluations, besides the one at each epoch end; 0: epoch ends only",
     ),
-    "--eval-samples": ("eval_samples", int, "held-out samples per source, at most a tenth of it (at least one)"),
+    "--eval-samples": (
+        "eval_samples", int, "held-out samples per source, at most a tenth of it (at least one if it has two or more)"
+    ),
     "--log-every": ("log_every", int, "optimizer steps between metric logs, besides the one at each epoch end"),
     "--num-workers": ("num_workers", int, "data loader worker processes"),
     "--draft-vocab-size": (

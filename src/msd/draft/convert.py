@@ -112,7 +112,9 @@ def convert_checkpoint(
     if wrong:
         raise MSDError(f"weights in {source} do not fit the target: " + "; ".join(wrong) + ".")
     draft.load_state_dict(state, strict=True)
-    saved_dtype = state["fc.weight"].dtype  # research drafts are stored in one precision, often float16
+    # Research drafts are stored in one precision, often float16. A checkpoint that mixes precisions keeps float32.
+    precisions = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
+    saved_dtype = precisions.pop() if len(precisions) == 1 else torch.float32
     draft.save_pretrained(output, dtype=saved_dtype)
     logger.info(
         "converted %s to %s (%d weights in %s, input layer norm: %s)",

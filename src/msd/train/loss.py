@@ -128,7 +128,6 @@ def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
         )
     hidden = batch["hidden_states"]  # (B, T, H)
     present = batch["attention_mask"].bool()  # (B, T)
-    loss_mask = batch["loss_mask"].bool()  # (B, T)
 
     slot_present = present[:, 1:]  # (B, S)
     length = slot_present.shape[1]
@@ -136,8 +135,6 @@ def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
     attention = causal[None] & slot_present[:, None, :]
     attention |= torch.eye(length, dtype=torch.bool, device=input_ids.device)[None]
 
-    counted = torch.zeros_like(slot_present)
-    counted[:, :-1] = loss_mask[:, 2:] & present[:, 2:] & present[:, 1:-1]
     return DraftSlots(
         token_ids=input_ids[:, 1:],
         features=hidden[:, :-1],
@@ -146,8 +143,17 @@ def build_slots(batch: dict[str, torch.Tensor]) -> DraftSlots:
         position_ids=batch["position_ids"][:, :, 1:],
         attention_mask=attention[:, None],
         target_features=hidden[:, 1:],
-        counted=counted,
+        counted=counted_slots(batch),
     )
+
+
+def counted_slots(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mask (B, S) of the slots that enter the loss, from the batch's loss and attention masks alone."""
+    present = batch["attention_mask"].bool()  # (B, T)
+    loss_mask = batch["loss_mask"].bool()  # (B, T)
+    counted = torch.zeros_like(present[:, 1:])
+    counted[:, :-1] = loss_mask[:, 2:] & present[:, 2:] & present[:, 1:-1]
+    return counted
 
 
 def add_uniform_noise(features: torch.Tensor, width: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -193,16 +199,19 @@ def compute_loss(
     step_agreements = tuple(part[2] if part else 0 for part in parts)
     step_slots = tuple(part[3] if part else 0 for part in parts)
     if parts[0] is None:  # no counted slot in the batch, so none in a later step either
-        zero = steps[0][0].sum() * 0.0  # keeps every parameter in the graph, as DDP requires
+        # Keeps every parameter in the graph, as DDP requires. The sum runs in float32, because a float16 model
+        # (DeepSpeed fp16 runs without autocast) overflows a float16 sum to inf, and inf * 0 is NaN.
+        zero = steps[0][0].float().sum() * 0.0
         return LossOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0, 0, step_agreements, step_slots)
 
     weighted_steps = sum(1 for total in slot_totals if total > 0)  # steps with counted slots anywhere in the step
-    loss = steps[0][0].sum() * 0.0
-    for part, total in zip(parts, slot_totals):
-        if part is not None:
-            feature_sum, token_sum = part[0], part[1]
-            loss = loss + (config.feature_weight * feature_sum + config.token_weight * token_sum) / total
-    loss = loss / weighted_steps
+    # Only counted slots enter the sum: a term over the whole output would turn an inf at any slot into NaN.
+    terms = [
+        (config.feature_weight * part[0] + config.token_weight * part[1]) / total
+        for part, total in zip(parts, slot_totals)
+        if part is not None
+    ]
+    loss = torch.stack(terms).sum() / weighted_steps
 
     counted_parts = [part for part in parts if part is not None]
     feature_loss = torch.stack([part[0] / part[3] for part in counted_parts]).mean().detach()
@@ -213,9 +222,9 @@ def compute_loss(
     )
 
 
-def count_step_slots(slots: DraftSlots, steps: int) -> tuple[int, ...]:
-    """Count the counted slots of each unrolled draft step 1 .. `steps`, as `run_steps` masks them."""
-    return tuple(int(step_counted(slots.counted, step).sum()) for step in range(1, steps + 1))
+def count_step_slots(counted: torch.Tensor, steps: int) -> tuple[int, ...]:
+    """Count the slots of each unrolled draft step 1 .. `steps` that `run_steps` counts, given step 1's mask."""
+    return tuple(int(step_counted(counted, step).sum()) for step in range(1, steps + 1))
 
 
 def step_counted(counted: torch.Tensor, step: int) -> torch.Tensor:

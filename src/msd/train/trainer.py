@@ -35,7 +35,7 @@ from msd.train.checkpoint import (
 from msd.train.config import TrainConfig
 from msd.train.curriculum import MULTIMODAL, TEXT, Curriculum, CurriculumConfig, CurriculumPosition
 from msd.train.data import FeatureSource, check_features_fit, default_collate, split_source
-from msd.train.loss import DraftSlots, build_slots, compute_loss, count_step_slots
+from msd.train.loss import build_slots, compute_loss, count_step_slots, counted_slots
 from msd.train.metrics import MetricWindow, tensorboard_available, write_metrics
 from msd.train.vocab import draft_vocab_from_datasets
 
@@ -124,6 +124,14 @@ class DraftTrainer:
         )
         self._prepare_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(self.draft, optimizer)
+        # `_step_slot_totals` relies on accelerate dividing each micro-batch's loss by this count (DeepSpeed's
+        # value, which `_prepare_deepspeed` set, once prepared).
+        if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation:
+            raise MSDError(
+                f"accelerate accumulates gradients over {self.accelerator.gradient_accumulation_steps} micro-batches "
+                f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS or the Accelerator passed in), but gradient_accumulation is "
+                f"{config.gradient_accumulation}. Unset the variable, or build the Accelerator with make_accelerator."
+            )
         # The scheduler counts optimizer steps: it is stepped here rather than prepared, because accelerate's
         # wrapper steps it once per process.
         self.accelerator.register_for_checkpointing(self.scheduler)
@@ -256,7 +264,7 @@ class DraftTrainer:
         )
         micro_batches = []
         for keys, batch in zip(batches, loader):
-            micro_batches.append((keys, build_slots(self._to_device(batch))))
+            micro_batches.append((keys, self._truncate(batch)))  # on the host until its turn, to spare device memory
             if len(micro_batches) < self.config.gradient_accumulation:
                 continue
             self._train_step(micro_batches, progress.step, window)
@@ -293,12 +301,12 @@ class DraftTrainer:
         return batches
 
     def _train_step(self, micro_batches: list, step: int, window: MetricWindow) -> None:
-        """Accumulate the gradients of one optimizer step's (keys, DraftSlots) micro-batches of this process."""
-        totals = self._step_slot_totals([slots for _, slots in micro_batches])
-        for keys, slots in micro_batches:
-            self._train_micro_batch(slots, keys, step, totals, window)
+        """Accumulate the gradients of one optimizer step's (keys, host batch) micro-batches of this process."""
+        totals = self._step_slot_totals([batch for _, batch in micro_batches])
+        for keys, batch in micro_batches:
+            self._train_micro_batch(batch, keys, step, totals, window)
 
-    def _step_slot_totals(self, micro_batches: list[DraftSlots]) -> tuple[float, ...]:
+    def _step_slot_totals(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, ...]:
         """Per unrolled step, the counted slots of the whole optimizer step divided by micro-batches x processes.
 
         `accelerator.backward` divides each micro-batch's loss by the accumulation count, and DDP (or DeepSpeed)
@@ -306,16 +314,18 @@ class DraftTrainer:
         gives the gradient of the mean over every counted slot of the step.
         """
         steps = self.config.loss.unroll_steps
-        local = [count_step_slots(slots, steps) for slots in micro_batches]
-        counts = torch.tensor([sum(column) for column in zip(*local)], dtype=torch.float64, device=self.accelerator.device)
+        local = [count_step_slots(counted_slots(batch), steps) for batch in micro_batches]
+        counts = [sum(column) for column in zip(*local)]
+        counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
         shares = self.config.gradient_accumulation * self.accelerator.num_processes
         return tuple(float(count) / shares for count in counts.tolist())
 
-    def _train_micro_batch(self, slots: DraftSlots, keys, step: int, totals, window: MetricWindow) -> None:
+    def _train_micro_batch(self, batch, keys, step: int, totals, window: MetricWindow) -> None:
         generator = torch.Generator(device=self.accelerator.device)
         generator.manual_seed(_noise_seed(self.config.seed, self.accelerator.process_index, step, keys))
         try:
+            slots = build_slots(self._to_device(batch))
             with self.accelerator.accumulate(self.model), self.accelerator.autocast():
                 output = compute_loss(self.model, self.draft, slots, self.config.loss, generator, slot_totals=totals)
                 if not torch.isfinite(output.loss):
@@ -481,8 +491,13 @@ class DraftTrainer:
         logger.warning("resuming in epoch %d with changed order options: %s", position.epoch + 1, changes)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = self._truncate(batch)
+        return {name: value.to(self.accelerator.device) for name, value in batch.items()}
+
+    def _truncate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the batch's tensors cut to max_length tokens."""
         length = self.config.max_length
-        batch = {name: value.to(self.accelerator.device) for name, value in batch.items() if torch.is_tensor(value)}
+        batch = {name: value for name, value in batch.items() if torch.is_tensor(value)}
         for name in SEQUENCE_KEYS:
             batch[name] = batch[name][:, :length]
         batch["position_ids"] = batch["position_ids"][:, :, :length]
