@@ -128,6 +128,18 @@ def test_convert_other_target_raises(tmp_path, target):
         convert_checkpoint(folder, tmp_path / "msd", target.config)
 
 
+def test_convert_other_vocabulary_raises(tmp_path, target):
+    # The config's shapes fit, but the embedding copy has one more row, as in a draft trained for another tokenizer.
+    folder = tmp_path / "research"
+    write_research(folder, random_draft(target, True), target, False)
+    state = research_state(random_draft(target, True), target)
+    embedding = state["embed_tokens.weight"]
+    state["embed_tokens.weight"] = torch.cat([embedding, embedding[:1]])
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(MSDError, match="the embedding in .* has shape"):
+        convert_checkpoint(folder, tmp_path / "msd", target.config)
+
+
 def test_convert_rejects_pickled_code(tmp_path, target):
     folder = tmp_path / "research"
     write_research(folder, random_draft(target, True), target, True)

@@ -161,6 +161,25 @@ def test_bad_rows_skipped_and_counted(llava_target, image_root, tmp_path):
     assert card["counts"]["skipped"][SkipReason.MALFORMED_JSON] == 1
 
 
+def test_card_counts_add_up_over_shards(llava_target, image_root, tmp_path):
+    # With one sample per shard, skipped rows and token counts are committed with several shards. The card's totals
+    # must add every commit's counts, not keep the last one.
+    rows = [ROWS[0], chat("Q", "A", image="nowhere.png"), ROWS[1], chat("Q", "A", image="gone.png"), ROWS[2]]
+    settings = PrepareSettings(output=tmp_path / "out", kind="vision", image_root=image_root, max_length=1000,
+                               shard_size=1)
+    summary = prepare_features(llava_target, rows, settings)
+    assert summary.stored == 3
+    assert summary.skipped == {SkipReason.MISSING_IMAGE: 2}
+
+    card = json.loads((settings.output / "dataset_card.json").read_text())
+    manifest = [json.loads(line) for line in (settings.output / "part-00000-of-00001.manifest.jsonl").open()]
+    assert card["counts"]["shards"] == 3
+    assert card["counts"]["skipped"] == {SkipReason.MISSING_IMAGE: 2}
+    assert card["counts"]["tokens"] == sum(entry["length"] for entry in manifest)
+    assert card["counts"]["visual_tokens"] == sum(entry["visual_tokens"] for entry in manifest)
+    assert card["counts"]["loss_tokens"] == sum(entry["loss_tokens"] for entry in manifest)
+
+
 def test_text_kind_skips_image_rows(llava_target, image_root, tmp_path):
     settings = PrepareSettings(max_length=1000, output=tmp_path / "out", kind="llava_v15_t", image_root=image_root)
     summary = prepare_features(llava_target, ROWS, settings)
@@ -242,6 +261,27 @@ def test_batched_regenerate_matches_one_by_one(target_name, image_root, tmp_path
         assert torch.equal(single["loss_mask"], batched["loss_mask"])
     answers = [sample["input_ids"][sample["loss_mask"].bool()].tolist() for sample in stored[1]]
     assert len({tuple(answer) for answer in answers}) == 3  # the rows got different answers
+
+
+def test_batched_regenerate_keeps_each_budget(llava_target):
+    # The longer prompt leaves room for 2 answer tokens within max_length, the shorter one for 8. In one batch,
+    # generate runs to the larger budget, and the longer prompt's answer must still end at its own.
+    encoder = ConversationEncoder(llava_target.processor, llava_target.image_token_id, 1000)
+    conversations = [parse_row(chat("Q", "A"), 0), parse_row(chat("Describe the numbers 0 1 2. " * 4, "A"), 1)]
+    prompt_lengths = [encoder.prompt_inputs(item.messages[:1], [])["input_ids"].shape[1] for item in conversations]
+    max_length = prompt_lengths[1] + 2
+    assert max_length - prompt_lengths[0] >= 8
+
+    answers = {}
+    for batch_size in (1, 2):
+        regenerator = AnswerRegenerator(llava_target, encoder, 8, max_length, batch_size=batch_size)
+        answered = regenerator.regenerate(conversations, [[], []])
+        answers[batch_size] = [item.messages[1]["content"][0]["text"] for item in answered]
+    assert answers[2] == answers[1]
+    tokenizer = encoder.tokenizer
+    assert len(tokenizer(answers[1][1], add_special_tokens=False)["input_ids"]) < len(
+        tokenizer(answers[1][0], add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_regenerate_answers_each_turn(llava_target, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from msd.errors import MSDError  # noqa: E402
 from msd.evaluate.lmms_plugin import LlavaMSD, Qwen2VLMSD, cut_at_stop, sampling_from  # noqa: E402
 from msd.evaluate.samples import LOCAL_TASK_FOLDER  # noqa: E402
 from msd.targets import adapter_for  # noqa: E402
-from tiny_models import build_llava  # noqa: E402
+from tiny_models import build_llava, random_image  # noqa: E402
 
 LIMIT = 3
 
@@ -109,3 +111,41 @@ def test_gen_kwargs_mapping():
     assert sampled.top_p == 0.9
     assert cut_at_stop("a cat\nmore", ["\n"]) == "a cat"
     assert cut_at_stop("no stop", ["\n\n"]) == "no stop"
+
+
+def test_answer_stops_at_until(saved_models):
+    # The tiny model's outputs contain no newline, so the local tasks never reach their stop strings. Here the stop
+    # string is a run of letters from the model's own answer: generation ends there and the answer omits it.
+    model = LlavaMSD(pretrained=str(saved_models / "target"))
+    image = random_image(48, 40)
+    full = model.answer("Describe the image.", [image], {"max_new_tokens": 12})
+    assert model.stats[-1].new_tokens == 12
+    stop = max(re.findall("[A-Za-z]+", full), key=len)
+
+    answer = model.answer("Describe the image.", [image], {"max_new_tokens": 12, "until": [stop]})
+    assert answer == full.split(stop)[0]
+    assert model.stats[-1].new_tokens < 12
+    assert model.stats[-1].stop_reason == "stop_string"
+
+
+class DivergingGenerator:
+    """Wraps a generator and appends one token to every output, as a broken decoding method would."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def generate(self, *args, **kwargs):
+        output = self.generator.generate(*args, **kwargs)
+        output.token_ids = output.token_ids + [0]
+        return output
+
+
+def test_plain_output_difference_counted(saved_models):
+    # The speedup measurement compares the draft's output with plain decoding's, so a differing plain output counts.
+    speculative = LlavaMSD(
+        pretrained=str(saved_models / "target"), draft=str(saved_models / "draft"), total_tokens=6, depth=2, tree_top_k=2
+    )
+    speculative.plain = DivergingGenerator(speculative.plain)
+    speculative.answer("Describe the image.", [random_image(48, 40)], {"max_new_tokens": 4})
+    assert len(speculative.plain_stats) == 1
+    assert speculative.different == 1

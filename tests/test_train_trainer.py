@@ -58,11 +58,15 @@ def assert_decodes_like_plain(target, draft, tree: TreeParams) -> None:
 def test_resume_matches_uninterrupted_run(tmp_path, setup):
     target, text, vision = setup
     full = DraftTrainer(config(), target, text, vision, tmp_path / "full").train()
-    total = DraftTrainer(config(), target, text, vision, tmp_path / "x").total_steps
-    middle = total // 2 + 1  # inside an epoch, so the resume continues a partly read plan
+    curriculum = DraftTrainer(config(), target, text, vision, tmp_path / "x").curriculum
+    epoch_starts = curriculum.epoch_starts(4)
+    # A step inside an epoch, so the resume continues a partly read plan.
+    middle = next(step for step in range(1, epoch_starts[-1]) if step not in epoch_starts)
 
     DraftTrainer(config(save_every=middle), target, text, vision, tmp_path / "split").train(stop_at_step=middle)
-    assert list_checkpoints(tmp_path / "split")[-1].name.endswith(f"{middle:08d}")
+    checkpoint = list_checkpoints(tmp_path / "split")[-1]
+    assert checkpoint.name.endswith(f"{middle:08d}")
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["position"]["step_in_epoch"] > 0
     resumed = DraftTrainer(config(save_every=middle), target, text, vision, tmp_path / "split").train(resume=True)
 
     expected, actual = weights(full), weights(resumed)
