@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msd.decoding.drafter import MSDDrafter, depth_first
-from msd.decoding.tree import TreeParams
+from msd.decoding.tree import DraftTree, TreeParams
 from msd.draft import DraftConfig, DraftModel
 from msd.errors import MSDError
+from msd.train.loss import build_slots
 
 
 def make_draft(target, seed=3, **options):
@@ -341,3 +342,89 @@ def test_draft_path_file_or_weightless_rejected(llava_family, tmp_path):
     (tmp_path / "draft" / "model.safetensors").unlink()
     with pytest.raises(MSDError, match="Copy model.safetensors into the draft folder"):
         DraftModel.from_pretrained(tmp_path / "draft")
+
+
+def test_drafter_slots_match_training_layout(family, images):
+    # After start and one update, the drafter's root feature equals the draft's forward over the whole sequence laid
+    # out by training's build_slots, so decoding gives each slot the token, feature, visual embedding and position
+    # that training gives it.
+    target = family.target
+    inputs = family.make_inputs("Describe it", images[:1])
+    drafter = MSDDrafter(make_draft(target, seed=5), target)
+    prefill, state = target.prefill(inputs)
+    first = int(prefill.logits.argmax())
+    next_position = state.next_position
+    drafter.start(prefill, state, first)
+
+    tree = DraftTree.chain([first, 11, 12])
+    logits, hidden = target.forward_tree(state, tree.tokens, tree.depths, tree.ancestor_mask())
+    target.keep_accepted(state, len(tree), torch.arange(3))
+    bonus = int(logits[2].argmax())
+    drafter.update(torch.tensor([11, 12, bonus]), hidden)
+
+    hidden_size = target.hidden_size
+    generated_positions = torch.arange(next_position, next_position + 4).expand(prefill.positions.shape[0], 4)
+    batch = {
+        "input_ids": torch.cat([prefill.input_ids, torch.tensor([first, 11, 12, bonus])])[None],
+        "hidden_states": torch.cat([prefill.hidden_states, hidden, torch.zeros(1, hidden_size)])[None],
+        "visual_embeds": torch.cat([prefill.inputs_embeds, torch.zeros(4, hidden_size)])[None],
+        "visual_mask": torch.cat([prefill.visual_mask, torch.zeros(4, dtype=torch.bool)])[None],
+        "position_ids": torch.cat([prefill.positions, generated_positions], dim=1)[:, None],
+        "attention_mask": torch.ones(1, prefill.input_ids.shape[0] + 4, dtype=torch.long),
+        "loss_mask": torch.ones(1, prefill.input_ids.shape[0] + 4, dtype=torch.long),
+    }
+    assert prefill.visual_mask.any()  # the layout covers visual slots
+    slots = build_slots(batch)
+    with torch.no_grad():
+        expected = drafter.draft(
+            slots.token_ids,
+            slots.features,
+            slots.position_ids,
+            visual_embeds=slots.visual_embeds,
+            visual_mask=slots.visual_mask,
+        )[0, -1]
+    torch.testing.assert_close(drafter.root_feature, expected)
+
+
+def test_frontier_logprobs_match_sequential(family, images, monkeypatch):
+    # Every node the drafter expands gets the log-probabilities that drafting its path one token at a time gives.
+    # Top-k membership (test_drafter_tree_matches_sequential) is too coarse for a random draft, because a wrong parent
+    # feature rarely changes which tokens rank in its top k.
+    inputs = family.make_inputs("Describe it", images[:1])
+    draft = make_draft(family.target, seed=5)
+    drafter = MSDDrafter(draft, family.target)
+    prefill, state = family.target.prefill(inputs)
+    root = int(prefill.logits.argmax())
+    drafter.start(prefill, state, root)
+
+    fed = {}  # candidate index -> (target token, parent candidate, draft output)
+    expand = drafter._feed_frontier
+
+    def recording_expand(frontier, tokens, features, parent_of, fed_slot, step):
+        hidden = expand(frontier, tokens, features, parent_of, fed_slot, step)
+        token_ids = drafter.vocabulary.to_target_ids(tokens).tolist()
+        for row, candidate in enumerate(frontier):
+            fed[candidate] = (token_ids[row], parent_of[candidate], hidden[row])
+        return hidden
+
+    monkeypatch.setattr(drafter, "_feed_frontier", recording_expand)
+    drafter.propose(root, TreeParams(4, 3, 40, lookup_tokens=0), max_depth=10)
+    assert len(fed) == 3 * 3  # three expansion steps of three nodes
+    for token, parent, hidden in fed.values():
+        path = [token]
+        while parent >= 0:
+            path.insert(0, fed[parent][0])
+            parent = fed[parent][1]
+        logprobs = torch.log_softmax(drafter.vocabulary.logits(hidden).float(), dim=-1)
+        torch.testing.assert_close(logprobs, sequential_logprobs(family, inputs, draft, [root, *path]))
+
+
+def test_drafter_tree_respects_max_depth(llava_family, images):
+    # Near the context limit the loop allows fewer levels than the tree's depth, and no drafted node may go deeper.
+    drafter = MSDDrafter(make_draft(llava_family.target, seed=5), llava_family.target)
+    prefill, state = llava_family.target.prefill(llava_family.make_inputs("Describe it", images[:1]))
+    root = int(prefill.logits.argmax())
+    drafter.start(prefill, state, root)
+    for max_depth in (0, 2):
+        proposed = drafter.propose(root, TreeParams(4, 2, 12, lookup_tokens=0), max_depth=max_depth)
+        assert int(proposed.depths.max()) == max_depth

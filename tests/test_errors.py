@@ -116,13 +116,13 @@ def test_image_tokens_without_images(llava_family):
         llava_family.target.prefill(inputs)
 
 
-def test_image_token_count_mismatch(qwen_family):
-    inputs = qwen_family.make_inputs("hi", [random_image(60, 60)])
+def test_image_token_count_mismatch(family):
+    inputs = family.make_inputs("hi", [random_image(60, 60)])
     ids = inputs["input_ids"].clone()
-    ids[0, (ids[0] == qwen_family.target.image_token_id).nonzero()[0]] = 0  # drop one image token
+    ids[0, (ids[0] == family.target.image_token_id).nonzero()[0]] = 0  # drop one image token
     inputs["input_ids"] = ids
     with pytest.raises(MSDError, match="image tokens but the images produce"):
-        qwen_family.target.prefill(inputs)
+        family.target.prefill(inputs)
 
 
 def test_batch_rejected(llava_family):

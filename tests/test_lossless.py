@@ -148,3 +148,74 @@ def test_stop_string_of_multibyte_characters():
     kept, reason = checker.accept([], list(text))
     assert reason == "stop_string"
     assert bytes(kept).decode("utf-8") == "ok " + stop
+
+
+class RecordingOracle(OracleDrafter):
+    """An oracle drafter that keeps the arguments of every update call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.updates = []
+
+    def update(self, new_tokens, accepted_hidden):
+        self.updates.append((new_tokens.clone(), accepted_hidden.clone()))
+        super().update(new_tokens, accepted_hidden)
+
+
+def test_drafter_gets_accepted_hidden_states(family, images):
+    # Row i of the features passed to the drafter is the target's feature at accepted node i, so under greedy decoding
+    # its argmax is the cycle's token i + 1. Decoy siblings put the accepted nodes at 0, 1, 4, 7, not 0, 1, 2, 3.
+    inputs = family.make_inputs("Describe the picture", images[:1])
+    plain = SpeculativeGenerator(family.target, None)
+    continuation = plain.generate(inputs, max_new_tokens=24, eos_token_ids=[]).token_ids
+    drafter = RecordingOracle(continuation, family.target.vocab_size, decoys=2)
+    SpeculativeGenerator(family.target, drafter, TreeParams(3, 3, 10)).generate(
+        inputs, max_new_tokens=16, eos_token_ids=[]
+    )
+    assert any(tokens.shape[0] > 2 for tokens, _ in drafter.updates)  # some cycles accepted past a decoy
+    for tokens, hidden in drafter.updates:
+        assert hidden.shape[0] == tokens.shape[0]
+        assert family.target.lm_head(hidden).argmax(dim=-1).tolist() == tokens.tolist()
+
+
+@pytest.mark.parametrize("stop", ["eos", "max_new_tokens"])
+def test_streamed_tokens_equal_output(llava_family, images, stop):
+    # on_tokens (the CLI's text stream) receives exactly the returned tokens, also when a stop cuts a cycle short.
+    inputs = llava_family.make_inputs("Describe", images[:1])
+    free_run = llava_family.reference(inputs, 30, eos_token_id=-1)
+    eos = [free_run[7]] if stop == "eos" else []
+    drafter = OracleDrafter(free_run + [0] * 10, llava_family.target.vocab_size, decoys=1)
+    streamed = []
+    output = SpeculativeGenerator(llava_family.target, drafter, TreeParams(4, 2, 9)).generate(
+        inputs, max_new_tokens=11, eos_token_ids=eos, on_tokens=streamed.extend
+    )
+    assert output.stats.stop_reason == stop
+    assert output.stats.tau > 2  # cycles emitted several tokens, so a stop could fall inside one
+    assert streamed == output.token_ids
+
+
+def test_generation_stops_at_context_limit(llava_family, monkeypatch):
+    # The prompt ends 6 tokens before the context limit. No tree node may sit past the limit, generation ends with
+    # stop reason context_full, and the tokens until then equal generate's.
+    target = llava_family.target
+    limit = target.max_positions
+    prompt = torch.arange(limit - 6) % 200 + 20
+    assert not (prompt == target.image_token_id).any()
+    inputs = {"input_ids": prompt[None], "attention_mask": torch.ones(1, prompt.shape[0], dtype=torch.long)}
+    expected = llava_family.reference(inputs, 7, eos_token_id=-1)
+
+    deepest = []
+    forward_tree = target.forward_tree
+
+    def recording_forward(state, tokens, depths, ancestor_mask):
+        deepest.append(state.next_position + int(depths.max()))
+        return forward_tree(state, tokens, depths, ancestor_mask)
+
+    monkeypatch.setattr(target, "forward_tree", recording_forward)
+    drafter = OracleDrafter(expected + [0] * 8, target.vocab_size)
+    output = SpeculativeGenerator(target, drafter, TreeParams(4, 1, 5)).generate(
+        inputs, max_new_tokens=50, eos_token_ids=[]
+    )
+    assert output.stats.stop_reason == "context_full"
+    assert output.token_ids == expected
+    assert max(deepest) == limit - 1

@@ -15,14 +15,20 @@ def sequential_logits(target, inputs, tokens):
     return torch.stack(rows)
 
 
-def test_tree_forward_matches_sequential(family, images):
-    # Every root-to-node path of a branching tree must get the logits that decoding that path alone would give.
-    inputs = family.make_inputs("Describe it", images[:2])
-    target = family.target
+def branching_tree_logits(target, inputs) -> tuple[DraftTree, torch.Tensor]:
+    """Verify a fixed branching tree after the prompt; return the tree and its logits (n, V)."""
     prefill, state = target.prefill(inputs)
     root = int(prefill.logits.argmax())
     tree = DraftTree(tokens=torch.tensor([root, 11, 12, 13, 14, 15]), parents=torch.tensor([-1, 0, 0, 1, 2, 3]))
     logits, _ = target.forward_tree(state, tree.tokens, tree.depths, tree.ancestor_mask())
+    return tree, logits
+
+
+def test_tree_forward_matches_sequential(family, images):
+    # Every root-to-node path of a branching tree must get the logits that decoding that path alone would give.
+    inputs = family.make_inputs("Describe it", images[:2])
+    target = family.target
+    tree, logits = branching_tree_logits(target, inputs)
     for node in range(len(tree)):
         path_tokens = tree.tokens[tree.path_to(node)].tolist()
         expected = sequential_logits(target, inputs, path_tokens)[-1]
@@ -96,3 +102,27 @@ def test_prefill_hidden_states_match_model(family, images):
     torch.testing.assert_close(prefill.logits, output.logits[0, -1].float(), rtol=1e-9, atol=1e-9)
     head = family.target.lm_head
     torch.testing.assert_close(head(prefill.hidden_states), output.logits[0], rtol=1e-9, atol=1e-9)
+
+
+def model_logits(family, inputs, tokens):
+    """The model's own forward over the prompt with `tokens` appended: logits after the last token, (V,)."""
+    extended = dict(inputs)
+    appended = torch.tensor([tokens])
+    extended["input_ids"] = torch.cat([inputs["input_ids"], appended], dim=1)
+    if "attention_mask" in inputs:
+        extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(appended)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(appended)], dim=1)
+    with torch.no_grad():
+        return family.model(**extended).logits[0, -1]
+
+
+def test_tree_forward_matches_model_forward(family, images):
+    # Each node's logits equal the model's own forward over the prompt and the node's path. The comparison with
+    # sequential_logits above shares forward_tree's positions, so only this one checks them, such as Qwen2-VL's rope
+    # offset after images. The tiny models rarely change a greedy token when positions shift, so logits are compared.
+    inputs = family.make_inputs("Describe it", images[:2])
+    tree, logits = branching_tree_logits(family.target, inputs)
+    for node in range(len(tree)):
+        path_tokens = tree.tokens[tree.path_to(node)].tolist()
+        torch.testing.assert_close(logits[node], model_logits(family, inputs, path_tokens), rtol=1e-9, atol=1e-9)

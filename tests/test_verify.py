@@ -95,3 +95,55 @@ def test_sampling_params_validation():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=-1)
+
+
+def reference_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The warped distribution written out from the definitions: temperature, then top-k, then top-p (nucleus).
+
+    Top-p keeps a token when the tokens ranked above it have a total probability below top_p, so the kept set is the
+    smallest prefix of the ranking that reaches top_p.
+    """
+    scaled = logits.double() / params.temperature
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if params.top_k:
+        keep &= scaled >= scaled.topk(params.top_k, dim=-1).values[:, -1:]
+    probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+    if params.top_p < 1.0:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        above = ranked.cumsum(dim=-1) - ranked
+        keep &= torch.zeros_like(keep).scatter(-1, order, above < params.top_p)
+        probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+    return probs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(do_sample=True, temperature=0.6),
+        SamplingParams(do_sample=True, top_k=3),
+        SamplingParams(do_sample=True, top_p=0.7),
+        SamplingParams(do_sample=True, temperature=1.4, top_k=20, top_p=0.6),
+    ],
+    ids=["temperature", "top_k", "top_p", "combined"],
+)
+def test_warped_probabilities_match_definitions(params):
+    # The sampled-walk test above takes its expected distribution from the chooser itself, so a warper that is never
+    # applied would pass it. Here each warper is checked against its definition, support first.
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(5)) * 2
+    probs = TokenChooser(params).probabilities(logits)
+    expected = reference_probabilities(logits, params)
+    assert torch.equal(probs > 0, expected > 0)
+    if params.top_k:
+        assert ((probs > 0).sum(dim=-1) <= params.top_k).all()
+    torch.testing.assert_close(probs.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_uses_given_generator():
+    # The same seeded generator gives the same tokens whatever the global random state, so --seed reproduces output.
+    logits = torch.zeros(64, VOCAB)  # uniform rows: every draw depends on the random state
+    params = SamplingParams(do_sample=True)
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(TokenChooser(params, torch.Generator().manual_seed(3)).choose(logits))
+    assert torch.equal(draws[0], draws[1])
