@@ -147,8 +147,9 @@ class MSDDrafter(Drafter):
         depth = min(params.depth, max_depth, params.total_tokens - 1)  # no path is longer than the tree's size
         if depth < 1 or params.total_tokens < 2:
             return DraftTree.chain([root_token])
-        # A tree of N nodes keeps at most N - 1 candidates, and a candidate ranked below N - 1 others (its siblings,
-        # or the other nodes of its step) never is, nor is any of its descendants. Larger top-k only costs time.
+        # A tree of N nodes keeps at most N - 1 candidates. A candidate ranked below N - 1 others (its siblings, or
+        # the other nodes of its step) is never kept, and neither are its descendants, so a larger top-k only costs
+        # time.
         top_k = min(params.top_k, self.root_logprobs.shape[0], params.total_tokens - 1)
 
         # Candidates are stored parents-first: token (draft-vocabulary id), parent (-1 = root), cumulative log-prob.

@@ -98,7 +98,7 @@ class DraftModel(nn.Module):
                 raise MSDError(
                     f"the draft's vocabulary map (draft_to_target) names target token ids outside the target's "
                     f"vocabulary of {head.shape[0]}, for example {int(outside[0])}. The draft file is damaged or was "
-                    "edited; use a draft written by msd train or msd convert."
+                    "edited. Use a draft written by msd train or msd convert."
                 )
             head = head[self.draft_to_target.to(head.device)]  # (draft vocab, H): a small copy of the used rows
         self._shared = {"embed": target.embed_tokens.weight.detach(), "head": head}
