@@ -145,9 +145,9 @@ def test_stop_string_of_multibyte_characters():
     stop = "\N{PARTY POPPER}" * 5
     text = ("ok " + stop + " more").encode("utf-8")
     checker = StopChecker([], [stop], ByteTokenizer(), max_new_tokens=100)
-    kept, reason = checker.accept([], list(text))
+    accepted_tokens, reason = checker.accept([], list(text))
     assert reason == "stop_string"
-    assert bytes(kept).decode("utf-8") == "ok " + stop
+    assert bytes(accepted_tokens).decode("utf-8") == "ok " + stop
 
 
 class RecordingOracle(OracleDrafter):

@@ -465,8 +465,8 @@ def test_save_dtype_writes_half_precision(tmp_path, setup):
 
 
 def test_model_config_as_training_config_raises(tmp_path):
-    # The research pipeline's --config is the draft layer's config.json; passed to msd train --config it is named
-    # as a model config instead of being listed option by option.
+    # The research pipeline's --config is the draft layer's config.json. Passed to msd train --config, it is named as
+    # a model config instead of being listed option by option.
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 1}))
     with pytest.raises(MSDError, match="is a model config .* start from configs/train_research.yaml"):
